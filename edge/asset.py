@@ -1,0 +1,81 @@
+"""The one interface between the control loop and every protocol driver.
+
+A driver owns its device connection completely: it polls, reconnects with
+backoff, and writes commands from its own asyncio task(s).  The control loop
+never awaits a driver; it reads ``reading()`` (a snapshot) and calls
+``set_target_kw()`` (non-blocking, newest wins).  A driver that hangs or fails
+therefore cannot stall the loop or another driver.
+
+Sign convention: positive active power is export to the grid, negative is
+import (a charging battery, a running boiler).  All powers are in kW.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+# An event for the uplink: (type, asset id or None, detail).  Types are listed
+# in docs/mqtt-api.md; drivers use "asset_offline", "asset_online",
+# "asset_degraded", "command_failed", "models_discovered", "models_changed".
+EventSink = Callable[[str, str | None, dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AssetReading:
+    """What a driver last read from its device.  None means unknown or not implemented."""
+
+    online: bool = False
+    p_kw: float | None = None  # measured active power, + export
+    q_kvar: float | None = None  # measured reactive power, + export (over-excited)
+    soc_pct: float | None = None  # state of charge, storage only
+    # Range the asset can be commanded to right now, in kW (+ export).  For PV
+    # p_max_kw is the available power (what it would produce unlimited) when the
+    # device tells it, else its rating; p_min_kw is 0.  For storage p_min_kw is
+    # minus the charge power it accepts now, p_max_kw the discharge power.
+    p_min_kw: float | None = None
+    p_max_kw: float | None = None
+    p_available_kw: float | None = None  # PV: power available from the sun now, if the device says
+    voltage_v: float | None = None  # line-to-neutral average at the device
+    frequency_hz: float | None = None
+    degraded: bool = False  # online, but the last command failed or a value was implausible
+    detail: str = ""  # short human-readable note for logs and events
+    read_at: float = field(default_factory=time.time)  # wall time of the measurement, s since epoch
+
+
+class AssetDriver(abc.ABC):
+    """Base of every protocol driver.  One instance per asset in the profile."""
+
+    def __init__(self, asset_id: str, cycle_s: float, emit_event: EventSink):
+        self.asset_id = asset_id
+        self.cycle_s = cycle_s
+        self.emit_event = emit_event
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Connect, poll every ``cycle_s``, write targets, reconnect on failure.
+
+        Runs until cancelled.  It must not raise for device or network problems:
+        it marks the reading offline (within two cycles of a device going
+        silent), emits an event, and retries with capped exponential backoff and
+        jitter.  Every I/O has a timeout.
+        """
+
+    @abc.abstractmethod
+    def reading(self) -> AssetReading:
+        """The latest snapshot; never blocks."""
+
+    @abc.abstractmethod
+    def set_target_kw(self, target_kw: float | None) -> None:
+        """Ask the device to run at ``target_kw`` (+ export), or release control with None.
+
+        Never blocks: the driver writes it as soon as it can (without waiting for
+        its next poll), a newer target replacing one not yet written.  The target
+        has already been clamped by the controller to [p_min_kw, p_max_kw].
+        """
+
+
+class DriverFactory(Protocol):
+    def __call__(self, asset: Any, cycle_s: float, emit_event: EventSink) -> AssetDriver: ...

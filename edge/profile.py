@@ -1,0 +1,332 @@
+"""Site profile: the YAML file a field engineer writes, validated with pydantic.
+
+Every key is documented in docs/profile.md.  Unknown keys are errors, because a
+misspelt limit that is silently ignored is worse than a daemon that refuses to
+start.  Units are part of the key names (``_kw``, ``_s``, ``_pct``).
+
+Sign convention (everywhere in flexedge): positive active power is export to the
+grid, negative is import; positive activation is upward regulation (more export
+or less import).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from edge.yamlsource import ProfileProblem, YamlDocument, load_yaml
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def _ranged(lo: float, hi: float):
+    def check(value: float) -> float:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"must be a finite number in {lo:g}..{hi:g}, got {value}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be {lo:g}..{hi:g}, got {value:g}")
+        return value
+
+    return AfterValidator(check)
+
+
+Port = Annotated[int, _ranged(1, 65535)]
+UnitId = Annotated[int, _ranged(0, 247)]
+PositiveKw = Annotated[float, _ranged(0.0, 1_000_000.0)]
+Percent = Annotated[float, _ranged(0.0, 100.0)]
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------- site
+
+
+class Site(Strict):
+    id: Identifier = Field(description="Site identifier; the second level of every MQTT topic.")
+    name: str = Field("", description="Human-readable site name.")
+    timezone: str = Field("UTC", description="IANA time zone of the site, e.g. Europe/Paris.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Paris)")
+        return value
+
+
+# ------------------------------------------------------------------ control
+
+
+class Fallback(Strict):
+    ramp_kw_per_s: Annotated[float, _ranged(0.001, 1_000_000.0)] = Field(
+        10.0, description="Rate at which activation returns to zero when no valid setpoint is in force."
+    )
+
+
+class Control(Strict):
+    cycle_s: Annotated[float, _ranged(0.2, 60.0)] = Field(
+        2.0, description="Control cycle period on the monotonic clock (aFRR: 2 s; 1 s also works)."
+    )
+    setpoint_timeout_s: Annotated[float, _ranged(0.5, 3600.0)] = Field(
+        10.0, description="Fall back when no valid setpoint has been in force for this long."
+    )
+    clock_skew_tolerance_s: Annotated[float, _ranged(0.0, 300.0)] = Field(
+        5.0, description="A setpoint whose ts lies further in the future than this is rejected."
+    )
+    max_setpoint_age_s: Annotated[float, _ranged(0.5, 86400.0)] = Field(
+        60.0, description="A setpoint issued (ts) longer ago than this is rejected as stale."
+    )
+    fallback: Fallback = Field(default_factory=Fallback)
+
+
+# ------------------------------------------------------------------- uplink
+
+
+class Tls(Strict):
+    ca_file: Path | None = Field(None, description="CA bundle to verify the broker; system CAs when absent.")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, description="Private key of the client certificate.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "Tls":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
+        return self
+
+
+class Mqtt(Strict):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: Port = Field(1883, description="Broker port (8883 is usual with TLS).")
+    client_id: str | None = Field(None, description="MQTT client id; default flexedge-<site id>.")
+    topic_prefix: str = Field("flexedge", description="First level of every topic.")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description="MQTT version: auto tries 5 and falls back to 3.1.1."
+    )
+    keepalive_s: Annotated[int, _ranged(5, 3600)] = 30
+    tls: Tls | None = Field(None, description="Enable TLS (and mutual TLS with cert_file/key_file).")
+    username: str | None = None
+    password_file: Path | None = Field(None, description="File whose first line is the password.")
+    password_env: str | None = Field(None, description="Environment variable holding the password.")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        if not value or any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
+            raise ValueError(f"must be a plain topic path without wildcards or edge slashes, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> "Mqtt":
+        if self.password_file and self.password_env:
+            raise ValueError("give password_file or password_env, not both")
+        return self
+
+    def password(self) -> str | None:
+        """The password, read now from its file or environment variable; never logged."""
+        import os
+
+        if self.password_file:
+            return self.password_file.read_text().splitlines()[0] if self.password_file.exists() else None
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        return None
+
+
+class Spool(Strict):
+    path: Path = Field(Path("/var/lib/flexedge/spool.sqlite"), description="SQLite file of the store-and-forward spool.")
+    max_mb: Annotated[float, _ranged(1, 1_000_000)] = Field(
+        1024, description="Size cap; when reached, the oldest messages are dropped (and counted)."
+    )
+    backlog_msgs_per_s: Annotated[float, _ranged(1, 10_000)] = Field(
+        50, description="Rate at which the backlog is sent after an outage, beside live traffic."
+    )
+
+
+class Uplink(Strict):
+    mqtt: Mqtt = Field(default_factory=Mqtt)
+    spool: Spool = Field(default_factory=Spool)
+
+
+# --------------------------------------------------------------------- grid
+
+
+class Grid(Strict):
+    export_limit_kw: PositiveKw | None = Field(
+        None, description="Maximum export at the connection point; never exceeded by a command."
+    )
+    import_limit_kw: PositiveKw | None = Field(
+        None, description="Maximum import at the connection point; never exceeded by a command."
+    )
+
+
+# ------------------------------------------------------------------- assets
+
+
+class Serial(Strict):
+    port: str = Field(description="Serial device, e.g. /dev/ttyUSB0.")
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+
+class AssetBase(Strict):
+    id: Identifier = Field(description="Asset identifier, unique in the site.")
+    name: str = ""
+    controllable: bool = Field(True, description="Whether the controller may command this asset.")
+
+
+class SunSpecAsset(AssetBase):
+    kind: Literal["pv", "bess", "meter"]
+    driver: Literal["sunspec"]
+    host: str | None = Field(None, description="Modbus TCP host; give host or serial.")
+    port: Port = Field(502, description="Modbus TCP port.")
+    serial: Serial | None = Field(None, description="Modbus RTU line instead of TCP.")
+    unit_id: UnitId = Field(1, description="Modbus unit (device) id.")
+    base_address: Literal["auto", 0, 40000, 50000] = Field(
+        "auto", description="SunSpec base register; auto probes 40000, 0, 50000."
+    )
+    timeout_s: Annotated[float, _ranged(0.05, 30.0)] = Field(1.0, description="Timeout of every Modbus request.")
+    rated_kw: PositiveKw | None = Field(None, description="Override of the device's rated power (model 120 WRtg).")
+    max_charge_kw: PositiveKw | None = Field(None, description="Storage: maximum charge power (default: device's).")
+    max_discharge_kw: PositiveKw | None = Field(None, description="Storage: maximum discharge power (default: device's).")
+    soc_min_pct: Percent = Field(5.0, description="Storage: no discharge below this state of charge.")
+    soc_max_pct: Percent = Field(95.0, description="Storage: no charge above this state of charge.")
+    revert_timeout_s: Annotated[int, _ranged(0, 65535)] = Field(
+        60, description="Revert timer written with each control; refreshed every cycle. 0 disables it."
+    )
+    connection_point: bool = Field(
+        False, description="Meter only: this meter measures the site's connection point."
+    )
+
+    @model_validator(mode="after")
+    def _transport(self) -> "SunSpecAsset":
+        if (self.host is None) == (self.serial is None):
+            raise ValueError("give exactly one of host (Modbus TCP) or serial (Modbus RTU)")
+        if self.connection_point and self.kind != "meter":
+            raise ValueError("connection_point applies to kind meter only")
+        if self.soc_min_pct >= self.soc_max_pct:
+            raise ValueError(f"soc_min_pct ({self.soc_min_pct:g}) must be below soc_max_pct ({self.soc_max_pct:g})")
+        return self
+
+
+# Later issues add IEC 104 and OCPP assets to this union.
+Asset = Annotated[Union[SunSpecAsset], Field(discriminator="driver")]
+
+
+# ------------------------------------------------------------------ profile
+
+
+class Profile(Strict):
+    """A flexedge site profile."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="flexedge site profile")
+
+    site: Site
+    control: Control = Field(default_factory=Control)
+    uplink: Uplink = Field(default_factory=Uplink)
+    grid: Grid = Field(default_factory=Grid)
+    assets: list[Asset] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Profile":
+        seen: set[str] = set()
+        for asset in self.assets:
+            if asset.id in seen:
+                raise ValueError(f"asset id {asset.id!r} is used twice")
+            seen.add(asset.id)
+        if sum(1 for a in self.assets if getattr(a, "connection_point", False)) > 1:
+            raise ValueError("at most one meter may be the connection point")
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.uplink.mqtt.client_id or f"flexedge-{self.site.id}"
+
+
+# ---------------------------------------------------------------- loading
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _path_text(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+class ProfileError(Exception):
+    """A profile failed to load; ``problems`` lists each with file, line and key path."""
+
+    def __init__(self, problems: list[ProfileProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _problems_from(error: ValidationError, doc: YamlDocument) -> list[ProfileProblem]:
+    problems = []
+    for item in error.errors():
+        # pydantic adds the discriminator tag to the location of union members
+        loc = tuple(p for p in item["loc"] if p != "sunspec" and not (isinstance(p, str) and p.startswith("function-")))
+        message = _MESSAGES.get(item["type"], item["msg"])
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key (check the spelling; see docs/profile.md)"
+        elif item["type"] == "literal_error":
+            message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {item.get('input')!r}"
+        elif item["type"] == "union_tag_invalid":
+            message = f"unknown driver {item.get('input', {}).get('driver')!r} (expected one of: sunspec)" if isinstance(item.get("input"), dict) else message
+        elif item["type"] == "string_pattern_mismatch":
+            message = f"must be letters, digits, '_', '.' or '-' (at most 64), got {item.get('input')!r}"
+        elif item["type"] in ("float_parsing", "int_parsing", "int_from_float", "float_type", "int_type", "bool_parsing"):
+            message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {item.get('input')!r}"
+        path = _path_text(loc)
+        problems.append(ProfileProblem(doc.name, doc.line_of(loc), path, message))
+    return problems
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile; raise ProfileError naming every problem found."""
+    doc = load_yaml(Path(path))
+    if doc.problems:
+        raise ProfileError(doc.problems)
+    if not isinstance(doc.data, dict):
+        raise ProfileError([ProfileProblem(doc.name, 1, "", "a profile is a mapping with keys site, control, uplink, grid, assets")])
+    try:
+        return Profile.model_validate(doc.data)
+    except ValidationError as error:
+        raise ProfileError(_problems_from(error, doc)) from None
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Profile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://flexedge.invalid/schema/profile.json"
+    return schema
+
