@@ -1,0 +1,21 @@
+"""Protocol drivers, one package each, all behind edge.asset.AssetDriver.
+
+``create_driver`` picks the package by the asset's ``driver`` key; a driver's
+package is imported only when a profile uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from edge.asset import AssetDriver, EventSink
+
+DRIVER_MODULES = {
+    "sunspec": "drivers.sunspec",
+}
+
+
+def create_driver(asset: Any, cycle_s: float, emit_event: EventSink) -> AssetDriver:
+    module = importlib.import_module(DRIVER_MODULES[asset.driver])
+    return module.create(asset, cycle_s, emit_event)

@@ -230,6 +230,7 @@ class SunSpecAsset(AssetBase):
 
 # Later issues add IEC 104 and OCPP assets to this union.
 Asset = Annotated[Union[SunSpecAsset], Field(discriminator="driver")]
+DRIVER_NAMES = "sunspec"
 
 
 # ------------------------------------------------------------------ profile
@@ -301,7 +302,11 @@ def _problems_from(error: ValidationError, doc: YamlDocument) -> list[ProfilePro
         elif item["type"] == "literal_error":
             message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {item.get('input')!r}"
         elif item["type"] == "union_tag_invalid":
-            message = f"unknown driver {item.get('input', {}).get('driver')!r} (expected one of: sunspec)" if isinstance(item.get("input"), dict) else message
+            loc += ("driver",)
+            message = f"unknown driver {item['input'].get('driver')!r} (expected one of: {DRIVER_NAMES})"
+        elif item["type"] == "union_tag_not_found":
+            loc += ("driver",)
+            message = f"required key is missing (one of: {DRIVER_NAMES})"
         elif item["type"] == "string_pattern_mismatch":
             message = f"must be letters, digits, '_', '.' or '-' (at most 64), got {item.get('input')!r}"
         elif item["type"] in ("float_parsing", "int_parsing", "int_from_float", "float_type", "int_type", "bool_parsing"):
@@ -321,7 +326,7 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile.model_validate(doc.data)
     except ValidationError as error:
-        raise ProfileError(_problems_from(error, doc)) from None
+        raise ProfileError(sorted(_problems_from(error, doc), key=lambda p: p.line)) from None
 
 
 def json_schema() -> dict[str, Any]:

@@ -1,0 +1,151 @@
+"""The `flexedge` command: run, check, schema, demo (docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from edge import __version__
+
+EXIT_OK = 0
+EXIT_PROFILE_INVALID = 2
+
+
+def _load_or_report(path: str):
+    from edge.profile import ProfileError, load_profile
+
+    try:
+        return load_profile(path)
+    except ProfileError as error:
+        count = len(error.problems)
+        print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _describe_transport(asset) -> str:
+    if getattr(asset, "serial", None) is not None:
+        s = asset.serial
+        return f"rtu {s.port} {s.baudrate} {s.bytesize}{s.parity}{s.stopbits} unit {asset.unit_id}"
+    if getattr(asset, "host", None) is not None:
+        return f"tcp {asset.host}:{asset.port} unit {asset.unit_id}"
+    return ""
+
+
+def summary(profile) -> str:
+    mqtt = profile.uplink.mqtt
+    spool = profile.uplink.spool
+    auth = "user " + mqtt.username if mqtt.username else "none"
+    tls = "no"
+    if mqtt.tls:
+        tls = "mutual" if mqtt.tls.cert_file else "yes"
+    grid = profile.grid
+    lines = [
+        f"site     {profile.site.id}" + (f" ({profile.site.name})" if profile.site.name else "") + f", {profile.site.timezone}",
+        f"control  cycle {profile.control.cycle_s:g} s, setpoint timeout {profile.control.setpoint_timeout_s:g} s, "
+        f"fallback ramp {profile.control.fallback.ramp_kw_per_s:g} kW/s",
+        f"uplink   mqtt {mqtt.host}:{mqtt.port} (MQTT {mqtt.protocol}, tls {tls}, auth {auth}), "
+        f"topics {mqtt.topic_prefix}/{profile.site.id}/..., client id {profile.client_id}",
+        f"spool    {spool.path} (cap {spool.max_mb:g} MB, backlog {spool.backlog_msgs_per_s:g} msg/s)",
+        f"grid     export limit {_kw(grid.export_limit_kw)}, import limit {_kw(grid.import_limit_kw)}",
+        f"assets   {len(profile.assets)}",
+    ]
+    for asset in profile.assets:
+        flags = []
+        if not asset.controllable:
+            flags.append("not controllable")
+        if getattr(asset, "connection_point", False):
+            flags.append("connection-point meter")
+        rating = f" {asset.rated_kw:g} kW" if getattr(asset, "rated_kw", None) else ""
+        lines.append(
+            f"  {asset.id:<12} {asset.kind:<10} {asset.driver:<8} {_describe_transport(asset)}{rating}"
+            + (f" ({', '.join(flags)})" if flags else "")
+        )
+    return "\n".join(lines)
+
+
+def _kw(value) -> str:
+    return "none" if value is None else f"{value:g} kW"
+
+
+def cmd_check(args) -> int:
+    profile = _load_or_report(args.profile)
+    if profile is None:
+        return EXIT_PROFILE_INVALID
+    print(f"{args.profile}: OK")
+    print(summary(profile))
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from edge.profile import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from edge.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    profile = _load_or_report(args.profile)
+    if profile is None:
+        return EXIT_PROFILE_INVALID
+    from edge.daemon import run_gateway
+
+    asyncio.run(run_gateway(profile))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from edge.demo import run_demo
+    from edge.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level if args.log_level != "info" else "warning")
+    return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexedge", description="Field-edge gateway for virtual power plants.")
+    parser.add_argument("--version", action="version", version=f"flexedge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def logging_options(p):
+        p.add_argument("--log-format", choices=["text", "json"], default="text", help="stderr log format (default text)")
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
+    run = sub.add_parser("run", help="run the gateway in the foreground")
+    run.add_argument("profile", help="site profile (YAML)")
+    logging_options(run)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a site profile and print a summary")
+    check.add_argument("profile", help="site profile (YAML)")
+    check.set_defaults(func=cmd_check)
+
+    schema = sub.add_parser("schema", help="print the profile's JSON Schema")
+    schema.set_defaults(func=cmd_schema)
+
+    demo = sub.add_parser("demo", help="run the demo site on bundled simulators")
+    demo.add_argument("--profile", default=str(Path(__file__).resolve().parent.parent / "profiles" / "demo.yaml"))
+    demo.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    demo.add_argument("--workdir", default=None, help="where the demo keeps its spool (default: a temporary folder)")
+    logging_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""The control cycle: read the latest asset states, decide, write, publish.
+
+One cycle every ``control.cycle_s`` on the monotonic clock, scheduled as
+``t0 + k * cycle_s`` so it never drifts; a cycle that starts more than one
+period late skips the missed ticks and counts them.  A setpoint is applied the
+moment it is accepted (``on_setpoint``), not at the next tick; the tick
+re-evaluates it against fresh readings every cycle.
+
+Nothing here awaits a device: drivers are read through snapshots and commanded
+through ``set_target_kw``, which never blocks (see edge/asset.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from edge.allocation import Allocation, AssetBand, allocate
+from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.health import CycleStats
+from edge.profile import Profile
+from edge.setpoints import Setpoint, SetpointRejected, SetpointValidator, iso_time
+
+log = logging.getLogger("flexedge.control")
+
+TARGET_DEADBAND_KW = 0.001  # a change smaller than this is not re-sent to a device
+
+# Publishes a message on a spooled stream ("telemetry", "events") without blocking.
+Publish = Callable[[str, dict[str, Any]], None]
+# Sends a message that is not spooled (setpoint acks).
+PublishLive = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class ControlledAsset:
+    id: str
+    kind: str
+    driver_name: str
+    controllable: bool
+    connection_point: bool
+    driver: AssetDriver
+    frozen_baseline_kw: float | None = None
+    commanded_kw: float | None = None  # the last target sent; None = released
+    was_online: bool | None = None
+
+
+@dataclass
+class ControlState:
+    setpoint: Setpoint | None = None
+    mode: str = "idle"  # "setpoint", "fallback" or "idle"
+    fallback_activation_kw: float = 0.0
+    last_requested_kw: float = 0.0
+    active: bool = False  # baselines frozen: an activation or a limit is in force
+    limit_event: str | None = None
+    last_step_mono: float | None = None
+    allocation: Allocation | None = None
+    last_setpoint_at: float | None = None  # epoch s of the last accepted setpoint
+
+
+class Controller:
+    def __init__(
+        self,
+        profile: Profile,
+        assets: list[ControlledAsset],
+        publish: Publish,
+        publish_live: PublishLive,
+        emit_event: EventSink,
+        stats: CycleStats | None = None,
+        on_cycle: Callable[[], None] | None = None,
+    ):
+        self.profile = profile
+        self.assets = assets
+        self.publish = publish
+        self.publish_live = publish_live
+        self.emit_event = emit_event
+        self.stats = stats or CycleStats()
+        self.on_cycle = on_cycle or (lambda: None)
+        self.state = ControlState()
+        self.validator = SetpointValidator(profile.control)
+        self._meter = next((a for a in assets if a.connection_point), None)
+
+    # ----------------------------------------------------------- setpoints
+
+    def on_setpoint(self, raw: bytes) -> None:
+        """Validate a setpoint from the uplink, ack it, and apply it at once."""
+        now = time.time()
+        band_up, band_down = self._band_now(now)
+        try:
+            setpoint = self.validator.validate(raw, now, band_up, band_down, self.state.setpoint)
+        except SetpointRejected as rejection:
+            log.warning("setpoint %s rejected: %s", rejection.setpoint_id or "(no id)", rejection.reason)
+            self.publish_live(
+                "setpoint/ack",
+                {"id": rejection.setpoint_id, "status": "rejected", "reason": rejection.reason, "ts": iso_time(now), "activation_kw": None},
+            )
+            self.emit_event("setpoint_rejected", None, {"id": rejection.setpoint_id, "reason": rejection.reason})
+            return
+        self.state.setpoint = setpoint
+        self.state.last_setpoint_at = now
+        if self.state.mode != "setpoint":
+            log.info("setpoint %s in force: %+.3f kW", setpoint.id, setpoint.activation_kw)
+        self.state.mode = "setpoint"
+        self.publish_live(
+            "setpoint/ack",
+            {"id": setpoint.id, "status": "accepted", "reason": None, "ts": iso_time(now), "activation_kw": setpoint.activation_kw},
+        )
+        self.step(now)
+
+    # --------------------------------------------------------------- cycle
+
+    async def run(self) -> None:
+        cycle_s = self.profile.control.cycle_s
+        t0 = time.monotonic()
+        tick = 0
+        while True:
+            tick += 1
+            deadline = t0 + tick * cycle_s
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            started = time.monotonic()
+            lateness_s = started - deadline
+            if lateness_s >= cycle_s:
+                missed = int(lateness_s // cycle_s)
+                tick += missed
+                self.stats.missed_cycles += missed
+                log.warning("control cycle %.0f ms late: %d cycle(s) skipped", lateness_s * 1000, missed)
+            now = time.time()
+            self.step(now)
+            self.publish("telemetry", self.telemetry(now))
+            self.stats.record(duration_s=time.monotonic() - started, lateness_s=lateness_s)
+            self.on_cycle()
+
+    def step(self, now: float) -> Allocation:
+        """Decide and write: the heart of the cycle, also run when a setpoint arrives."""
+        state = self.state
+        mono = time.monotonic()
+        dt = 0.0 if state.last_step_mono is None else max(0.0, mono - state.last_step_mono)
+        state.last_step_mono = mono
+        readings = {a.id: a.driver.reading() for a in self.assets}
+        self._track_online(readings)
+
+        requested = self._requested_activation(now, dt)
+        bands, uncontrolled_kw = self._bands(readings, freeze=requested != 0.0 or state.active)
+        grid = self.profile.grid
+        allocation = allocate(requested, bands, uncontrolled_kw, grid.export_limit_kw, grid.import_limit_kw)
+
+        # Baselines stay frozen while an activation or a grid limit is in force.
+        limit_binding = allocation.limited_by in ("export_limit", "import_limit") or allocation.limit_violation_kw > 0
+        now_active = requested != 0.0 or limit_binding or any(abs(allocation.targets_kw[b.asset_id] - b.baseline_kw) > TARGET_DEADBAND_KW for b in bands)
+        if now_active and not state.active:
+            for band in bands:
+                self._asset(band.asset_id).frozen_baseline_kw = band.baseline_kw
+        state.active = now_active
+        if not now_active:
+            for asset in self.assets:
+                asset.frozen_baseline_kw = None
+
+        self._write(allocation, release=not now_active)
+        self._limit_events(allocation, now)
+        state.allocation = allocation
+        state.last_requested_kw = requested
+        return allocation
+
+    # ------------------------------------------------------------ helpers
+
+    def _asset(self, asset_id: str) -> ControlledAsset:
+        for asset in self.assets:
+            if asset.id == asset_id:
+                return asset
+        raise KeyError(asset_id)
+
+    def _requested_activation(self, now: float, dt: float) -> float:
+        state = self.state
+        control = self.profile.control
+        setpoint = state.setpoint
+        if setpoint is not None:
+            reason = None
+            if now >= setpoint.expires_at:
+                reason = "expired"
+                self.emit_event("setpoint_expired", None, {"id": setpoint.id, "expired_at": iso_time(setpoint.expires_at)})
+            elif now - setpoint.received_at > control.setpoint_timeout_s:
+                reason = "timeout"
+            if reason is None:
+                return setpoint.activation_kw
+            state.setpoint = None
+            state.mode = "fallback"
+            state.fallback_activation_kw = setpoint.activation_kw
+            log.warning("no valid setpoint in force (%s): activation ramps to zero", reason)
+            self.emit_event(
+                "fallback",
+                None,
+                {"reason": reason, "setpoint_id": setpoint.id, "from_activation_kw": setpoint.activation_kw,
+                 "ramp_kw_per_s": control.fallback.ramp_kw_per_s},
+            )
+        if state.mode == "fallback":
+            step = control.fallback.ramp_kw_per_s * dt
+            value = state.fallback_activation_kw
+            value = max(0.0, value - step) if value > 0 else min(0.0, value + step)
+            state.fallback_activation_kw = value
+            if value == 0.0:
+                state.mode = "idle"
+                log.info("fallback complete: activation zero, devices released")
+            return value
+        return 0.0
+
+    def _bands(self, readings: dict[str, AssetReading], freeze: bool) -> tuple[list[AssetBand], float]:
+        bands: list[AssetBand] = []
+        measured_in_bands = 0.0
+        uncontrolled = 0.0
+        for asset in self.assets:
+            reading = readings[asset.id]
+            if asset.kind == "meter":
+                continue
+            usable = reading.online and reading.p_kw is not None and math.isfinite(reading.p_kw)
+            if not (asset.controllable and usable):
+                if usable:
+                    uncontrolled += reading.p_kw
+                continue
+            if freeze and asset.frozen_baseline_kw is None:
+                asset.frozen_baseline_kw = reading.p_kw
+            baseline = asset.frozen_baseline_kw if freeze else reading.p_kw
+            p_min, p_max = self._range(asset, reading, baseline)
+            bands.append(AssetBand(asset.id, baseline, p_min, p_max))
+            measured_in_bands += reading.p_kw
+        meter = self._meter
+        if meter is not None:
+            meter_reading = readings[meter.id]
+            if meter_reading.online and meter_reading.p_kw is not None:
+                uncontrolled = meter_reading.p_kw - measured_in_bands
+        return bands, uncontrolled
+
+    @staticmethod
+    def _range(asset: ControlledAsset, reading: AssetReading, baseline: float) -> tuple[float, float]:
+        p_min = reading.p_min_kw if reading.p_min_kw is not None else 0.0
+        p_max = reading.p_max_kw if reading.p_max_kw is not None else max(baseline, 0.0)
+        if asset.kind == "pv":
+            # A PV inverter cannot produce more than the sun gives: without the
+            # device's available-power figure the baseline is the best estimate.
+            available = reading.p_available_kw if reading.p_available_kw is not None else baseline
+            p_min, p_max = max(0.0, p_min), max(0.0, min(p_max, available))
+        if p_max < p_min:
+            p_max = p_min
+        return p_min, p_max
+
+    def _band_now(self, now: float) -> tuple[float, float]:
+        readings = {a.id: a.driver.reading() for a in self.assets}
+        bands, _ = self._bands(readings, freeze=self.state.active)
+        return sum(b.up_kw for b in bands), sum(b.down_kw for b in bands)
+
+    def _write(self, allocation: Allocation, release: bool) -> None:
+        for asset in self.assets:
+            if not asset.controllable or asset.kind == "meter":
+                continue
+            target = None if release else allocation.targets_kw.get(asset.id)
+            if target is None and asset.id not in allocation.targets_kw and not release:
+                continue  # offline: nothing to command
+            previous = asset.commanded_kw
+            if target is None:
+                if previous is None:
+                    continue
+            elif previous is not None and abs(target - previous) < TARGET_DEADBAND_KW:
+                continue
+            asset.commanded_kw = target
+            asset.driver.set_target_kw(target)
+
+    def _limit_events(self, allocation: Allocation, now: float) -> None:
+        kind = allocation.limited_by if allocation.limited_by in ("export_limit", "import_limit") else None
+        if allocation.limit_violation_kw > 0:
+            kind = kind or "limit_violation"
+        if kind != self.state.limit_event:
+            if kind:
+                self.emit_event(
+                    "grid_limit",
+                    None,
+                    {"limit": kind, "state": "reached", "requested_kw": round(allocation.requested_kw, 3),
+                     "activation_kw": round(allocation.activation_kw, 3), "predicted_site_kw": round(allocation.site_kw, 3),
+                     "violation_kw": round(allocation.limit_violation_kw, 3)},
+                )
+            else:
+                self.emit_event("grid_limit", None, {"limit": self.state.limit_event, "state": "cleared"})
+            self.state.limit_event = kind
+
+    def _track_online(self, readings: dict[str, AssetReading]) -> None:
+        for asset in self.assets:
+            online = readings[asset.id].online
+            if asset.was_online is not None and online != asset.was_online and not online:
+                # The driver reported it; the controller forgets the command so
+                # that a reconnecting device gets the current target again.
+                asset.commanded_kw = None
+            asset.was_online = online
+
+    # ---------------------------------------------------------- telemetry
+
+    def telemetry(self, now: float) -> dict[str, Any]:
+        allocation = self.state.allocation
+        readings = {a.id: a.driver.reading() for a in self.assets}
+        targets = allocation.targets_kw if allocation else {}
+        assets_out: dict[str, Any] = {}
+        sum_p = sum_q = 0.0
+        any_p = any_q = False
+        socs = []
+        site_baseline = 0.0
+        for asset in self.assets:
+            reading = readings[asset.id]
+            baseline = None
+            if asset.kind != "meter" and reading.online and reading.p_kw is not None:
+                baseline = asset.frozen_baseline_kw if asset.frozen_baseline_kw is not None else reading.p_kw
+            target = targets.get(asset.id) if asset.commanded_kw is not None else None
+            band_up = band_down = 0.0
+            if asset.id in targets and baseline is not None:
+                p_min, p_max = self._range(asset, reading, baseline)
+                band_up, band_down = max(0.0, p_max - baseline), max(0.0, baseline - p_min)
+            assets_out[asset.id] = {
+                "kind": asset.kind,
+                "online": reading.online,
+                "degraded": reading.degraded,
+                "p_kw": _round(reading.p_kw),
+                "q_kvar": _round(reading.q_kvar),
+                "baseline_kw": _round(baseline),
+                "setpoint_kw": _round(target),
+                "activation_kw": _round(target - baseline if target is not None and baseline is not None else 0.0 if baseline is not None else None),
+                "band_up_kw": _round(band_up),
+                "band_down_kw": _round(band_down),
+                "soc_pct": _round(reading.soc_pct),
+            }
+            if asset.kind != "meter":
+                if reading.online and reading.p_kw is not None:
+                    sum_p += reading.p_kw
+                    any_p = True
+                    site_baseline += baseline if baseline is not None else 0.0
+                if reading.online and reading.q_kvar is not None:
+                    sum_q += reading.q_kvar
+                    any_q = True
+                if reading.online and reading.soc_pct is not None:
+                    socs.append(reading.soc_pct)
+        site_p = sum_p if any_p else None
+        site_q = sum_q if any_q else None
+        meter_online = False
+        if self._meter is not None:
+            meter_reading = readings[self._meter.id]
+            if meter_reading.online and meter_reading.p_kw is not None:
+                meter_online = True
+                # The meter sees uncontrolled load too: the site baseline is the
+                # meter's power minus the activation the assets deliver.
+                site_baseline = meter_reading.p_kw - (sum_p - site_baseline)
+                site_p = meter_reading.p_kw
+                site_q = meter_reading.q_kvar
+        activation = allocation.activation_kw if allocation else 0.0
+        return {
+            "ts": iso_time(now),
+            "site_id": self.profile.site.id,
+            "cycle_s": self.profile.control.cycle_s,
+            "mode": self.state.mode,
+            "setpoint_id": self.state.setpoint.id if self.state.setpoint else None,
+            "site": {
+                "p_kw": _round(site_p),
+                "q_kvar": _round(site_q),
+                "baseline_kw": _round(site_baseline if any_p or meter_online else None),
+                "setpoint_kw": _round(site_baseline + activation if any_p or meter_online else None),
+                "activation_requested_kw": _round(self.state.last_requested_kw),
+                "activation_kw": _round(activation),
+                "band_up_kw": _round(allocation.band_up_kw if allocation else 0.0),
+                "band_down_kw": _round(allocation.band_down_kw if allocation else 0.0),
+                "soc_pct": _round(sum(socs) / len(socs)) if socs else None,
+                "online": any(r.online for r in readings.values()),
+                "metered": meter_online,
+                "limited_by": allocation.limited_by if allocation else None,
+            },
+            "assets": assets_out,
+            "gateway": self.stats.snapshot(),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, 3)

@@ -1,0 +1,183 @@
+"""The daemon: wires the profile's drivers, the controller and the uplink on one loop.
+
+Every driver runs in its own supervised task: a driver that raises is logged,
+reported upstream and restarted with capped backoff, while the control cycle
+and the other drivers go on.  Telemetry and events pass through one ordered
+outbox to the uplink, which spools each message before sending it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from typing import Any, Awaitable, Callable
+
+from drivers import create_driver
+from edge import __version__
+from edge.controller import ControlledAsset, Controller
+from edge.health import CycleStats
+from edge.profile import Profile
+from edge.sdnotify import SystemdNotifier
+from edge.setpoints import iso_time
+from edge.spool import Spool
+from edge.uplink import Uplink
+
+log = logging.getLogger("flexedge.daemon")
+
+OUTBOX_LIMIT = 10_000  # messages waiting for the spool; beyond that telemetry is dropped (counted)
+RELEASE_GRACE_S = 1.0  # on shutdown, time given to drivers to release their devices
+
+
+class Gateway:
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.stats = CycleStats()
+        self.notifier = SystemdNotifier()
+        self.outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.dropped_outbox = 0
+        self.assets: list[ControlledAsset] = []
+        for asset in profile.assets:
+            driver = create_driver(asset, profile.control.cycle_s, self.emit_event)
+            self.assets.append(
+                ControlledAsset(
+                    id=asset.id,
+                    kind=asset.kind,
+                    driver_name=asset.driver,
+                    controllable=asset.controllable and asset.kind != "meter",
+                    connection_point=getattr(asset, "connection_point", False),
+                    driver=driver,
+                )
+            )
+        self.uplink: Uplink | None = None
+        self.controller: Controller | None = None
+
+    # ------------------------------------------------------------- events
+
+    def emit_event(self, event_type: str, asset_id: str | None, detail: dict[str, Any]) -> None:
+        log.info("event %s%s %s", event_type, f" [{asset_id}]" if asset_id else "", detail)
+        payload = {"ts": iso_time(time.time()), "site_id": self.profile.site.id, "type": event_type,
+                   "asset_id": asset_id, "detail": detail}
+        self._enqueue("events", payload)
+
+    def _enqueue(self, stream: str, payload: dict[str, Any]) -> None:
+        if self.outbox.qsize() >= OUTBOX_LIMIT and stream == "telemetry":
+            self.dropped_outbox += 1
+            return
+        self.outbox.put_nowait((stream, payload))
+
+    def _publish_live(self, subtopic: str, payload: dict[str, Any]) -> None:
+        if self.uplink is not None:
+            self.uplink.publish_live(subtopic, payload)
+
+    def _on_setpoint(self, raw: bytes) -> None:
+        if self.controller is not None:
+            self.controller.on_setpoint(raw)
+
+    # ---------------------------------------------------------------- run
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        profile = self.profile
+        spool_cfg = profile.uplink.spool
+        spool = await asyncio.to_thread(Spool, spool_cfg.path, int(spool_cfg.max_mb * 1024 * 1024))
+        birth = {
+            "state": "online",
+            "version": __version__,
+            "site_id": profile.site.id,
+            "assets": [{"id": a.id, "kind": a.kind, "driver": a.driver_name} for a in self.assets],
+        }
+        self.uplink = Uplink(profile, spool, self._on_setpoint, birth, self.emit_event)
+        self.controller = Controller(
+            profile, self.assets, self._enqueue, self._publish_live, self.emit_event, self.stats,
+            on_cycle=self.notifier.watchdog,
+        )
+        tasks = [
+            asyncio.create_task(self.uplink.run(), name="uplink"),
+            asyncio.create_task(self._publisher(), name="publisher"),
+            asyncio.create_task(self.stats.loop_lag.run(), name="loop-lag"),
+        ]
+        driver_tasks = [
+            asyncio.create_task(self._supervise(f"driver {a.id}", a.driver.run), name=f"driver-{a.id}")
+            for a in self.assets
+        ]
+        control_task = asyncio.create_task(self._supervise("controller", self.controller.run), name="controller")
+        log.info(
+            "flexedge %s: site %s, %d asset(s), cycle %.1f s, broker %s:%d",
+            __version__, profile.site.id, len(self.assets), profile.control.cycle_s,
+            profile.uplink.mqtt.host, profile.uplink.mqtt.port,
+        )
+        self.notifier.ready(f"site {profile.site.id}: {len(self.assets)} assets")
+        self.emit_event("gateway_started", None, {"version": __version__, "assets": [a.id for a in self.assets]})
+        try:
+            await stop.wait()
+        finally:
+            self.notifier.stopping()
+            log.info("stopping: releasing devices")
+            control_task.cancel()
+            for asset in self.assets:
+                if asset.commanded_kw is not None:
+                    asset.driver.set_target_kw(None)
+                    asset.commanded_kw = None
+            await asyncio.sleep(min(RELEASE_GRACE_S, profile.control.cycle_s))
+            for task in driver_tasks:
+                task.cancel()
+            await asyncio.gather(control_task, *driver_tasks, return_exceptions=True)
+            await self._flush_outbox(timeout_s=2.0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await asyncio.wait_for(self.uplink.close(), 3.0)
+            except (asyncio.TimeoutError, Exception) as error:  # shutting down: report, do not hang
+                log.warning("uplink close: %s", error or "timeout")
+            await asyncio.to_thread(spool.close)
+            log.info("stopped")
+
+    async def _publisher(self) -> None:
+        assert self.uplink is not None
+        while True:
+            stream, payload = await self.outbox.get()
+            try:
+                await self.uplink.publish(stream, payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not spool a %s message", stream)
+            finally:
+                self.outbox.task_done()
+
+    async def _flush_outbox(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.outbox.join(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%d message(s) not spooled at shutdown", self.outbox.qsize())
+
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run ``run`` forever; restart it with capped backoff and jitter if it fails."""
+        backoff_s = 1.0
+        while True:
+            started = time.monotonic()
+            try:
+                await run()
+                log.error("%s returned unexpectedly; restarting", name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.exception("%s crashed; restarting", name)
+                self.emit_event("task_crashed", None, {"task": name, "error": repr(error)[:300]})
+            if time.monotonic() - started > 60:
+                backoff_s = 1.0
+            await asyncio.sleep(backoff_s * random.uniform(0.8, 1.2))
+            backoff_s = min(backoff_s * 2, 30.0)
+
+
+async def run_gateway(profile: Profile) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Gateway(profile).run(stop)
