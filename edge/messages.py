@@ -1,0 +1,136 @@
+"""The MQTT payloads, as models: the source of the JSON Schemas in docs/mqtt-api.md.
+
+These models describe the public contract; tests validate what the gateway
+really publishes against them, and `python -m edge.messages` prints the
+schemas that docs/mqtt-api.md embeds (a test checks the two agree).
+Incoming setpoints are validated by edge.setpoints, whose error messages a VPP
+operator reads in the ack; the schema here documents the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Kw = float | None
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SetpointMessage(Contract):
+    """`<prefix>/<site>/setpoint`, published by the VPP. Give `valid_s` or `expires_at`, not both."""
+
+    id: str = Field(min_length=1, max_length=128, description="Unique id; a repeated id is rejected as a replay.")
+    ts: str | float = Field(description="Issue time: ISO 8601 with zone, or epoch seconds.")
+    valid_s: float | None = Field(None, gt=0, le=3600, description="Validity from ts, seconds.")
+    expires_at: str | float | None = Field(None, description="End of validity: ISO 8601 with zone, or epoch seconds.")
+    activation_kw: float = Field(description="Requested activation, kW; positive = upward regulation (more export / less import).")
+
+
+class SetpointAck(Contract):
+    """`<prefix>/<site>/setpoint/ack`: one per setpoint received."""
+
+    id: str | None = Field(description="The setpoint's id; null when the payload had no readable id.")
+    status: Literal["accepted", "rejected"]
+    reason: str | None = Field(description="Why it was rejected, naming the field; null when accepted.")
+    ts: str = Field(description="When the gateway decided, ISO 8601 UTC.")
+    activation_kw: float | None = Field(description="The activation now in force; null when rejected.")
+
+
+class AssetValues(Contract):
+    kind: Literal["pv", "bess", "p2h", "ev_charger", "meter"]
+    online: bool
+    degraded: bool = Field(description="Online, but the last command failed or a value was implausible.")
+    p_kw: Kw = Field(description="Measured active power, + export.")
+    q_kvar: Kw = Field(description="Measured reactive power.")
+    baseline_kw: Kw = Field(description="Power without activation (frozen when the activation started).")
+    setpoint_kw: Kw = Field(description="Power commanded to the asset; null when released (no command in force).")
+    activation_kw: Kw = Field(description="setpoint_kw - baseline_kw: this asset's share of the activation.")
+    band_up_kw: Kw = Field(description="Available upward regulation from the baseline.")
+    band_down_kw: Kw = Field(description="Available downward regulation from the baseline.")
+    soc_pct: Kw = Field(description="State of charge, storage only.")
+
+
+class SiteValues(Contract):
+    p_kw: Kw = Field(description="Site active power: the connection-point meter when there is one, else the sum of the assets.")
+    q_kvar: Kw
+    baseline_kw: Kw = Field(description="Site power without activation.")
+    setpoint_kw: Kw = Field(description="baseline_kw + activation_kw: the power the site is commanded to.")
+    activation_requested_kw: Kw = Field(description="The activation asked for (setpoint in force, or the fallback ramp).")
+    activation_kw: Kw = Field(description="The activation commanded after band and grid limits.")
+    band_up_kw: Kw
+    band_down_kw: Kw
+    soc_pct: Kw = Field(description="Mean state of charge of the online storage assets.")
+    online: bool = Field(description="At least one asset answers.")
+    metered: bool = Field(description="Site values come from an online connection-point meter.")
+    limited_by: Literal["export_limit", "import_limit", "band"] | None = Field(
+        description="Why activation_kw differs from activation_requested_kw."
+    )
+
+
+class GatewayHealth(Contract):
+    cycles: int
+    missed_cycles: int
+    cycle_duration_ms_last: float | None
+    cycle_duration_ms_p99: float
+    cycle_lateness_ms_last: float | None
+    cycle_lateness_ms_p99: float
+    loop_lag_ms_p99: float
+    loop_lag_ms_max: float
+
+
+class Telemetry(Contract):
+    """`<prefix>/<site>/telemetry`: one per control cycle, spooled."""
+
+    seq: int = Field(ge=1, description="Rises by one per message, across restarts.")
+    ts: str = Field(description="Measurement time, ISO 8601 UTC.")
+    site_id: str
+    cycle_s: float
+    mode: Literal["setpoint", "fallback", "idle"]
+    setpoint_id: str | None
+    site: SiteValues
+    assets: dict[str, AssetValues]
+    gateway: GatewayHealth
+
+
+class Event(Contract):
+    """`<prefix>/<site>/events`: spooled; `seq` is its own rising counter."""
+
+    seq: int = Field(ge=1)
+    ts: str
+    site_id: str
+    type: str = Field(description="See the table of event types in docs/mqtt-api.md.")
+    asset_id: str | None
+    detail: dict[str, Any]
+
+
+class Status(Contract):
+    """`<prefix>/<site>/status`: retained; the birth message, the last will, and the shutdown notice."""
+
+    state: Literal["online", "offline"]
+    site_id: str
+    version: str | None = None
+    assets: list[dict[str, str]] | None = None
+    reason: str | None = None
+    ts: str | None = None
+
+
+CONTRACT = {
+    "setpoint": SetpointMessage,
+    "setpoint/ack": SetpointAck,
+    "telemetry": Telemetry,
+    "events": Event,
+    "status": Status,
+}
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    return {topic: model.model_json_schema() for topic, model in CONTRACT.items()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(schemas(), indent=2))
