@@ -1,0 +1,286 @@
+"""The whole gateway on the wire: simulators, a real Mosquitto, the VPP simulator.
+
+Each test starts SunSpec simulators, the gateway (in-process, or as a real
+`flexedge run` process where crashes matter), and talks MQTT to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge.daemon import Gateway
+from edge.messages import Event, Telemetry
+from edge.profile import Profile
+from simulators.sunspec import DeviceSpec, SunSpecSimulator
+from simulators.vpp import VppSimulator
+
+SITE = "test-site"
+
+
+def make_profile(tmp_path: Path, broker_port: int, devices, cycle_s: float = 0.5, grid: dict | None = None,
+                 **control) -> Profile:
+    assets = []
+    for index, device in enumerate(devices):
+        kind = {"pv": "pv", "storage": "bess", "hybrid": "bess", "meter": "meter"}[device.kind]
+        asset = {"id": f"{device.kind}{index}", "kind": kind, "driver": "sunspec", "host": "127.0.0.1",
+                 "port": device.port, "unit_id": device.unit_id, "timeout_s": 0.3}
+        if kind == "meter":
+            asset["connection_point"] = True
+        assets.append(asset)
+    return Profile.model_validate({
+        "site": {"id": SITE},
+        "control": {"cycle_s": cycle_s, **control},
+        "uplink": {"mqtt": {"host": "127.0.0.1", "port": broker_port},
+                   "spool": {"path": str(tmp_path / "spool.sqlite"), "max_mb": 16}},
+        "grid": grid or {},
+        "assets": assets,
+    })
+
+
+@asynccontextmanager
+async def running_gateway(profile: Profile):
+    stop = asyncio.Event()
+    gateway = Gateway(profile)
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        yield gateway
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def until(predicate, timeout_s: float, what: str, interval_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def online(vpp: VppSimulator, count: int):
+    return lambda: vpp.telemetry and sum(a["online"] for a in vpp.telemetry[-1]["assets"].values()) == count
+
+
+async def test_setpoint_reaches_the_inverter_register_within_one_cycle(tmp_path, mosquitto):
+    specs = [DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=8.0), DeviceSpec(kind="storage", rated_kw=5.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=1.0)
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "both assets online")
+            sent_at = time.monotonic()
+            sent = await vpp.send_setpoint(-6.5, valid_s=30)
+            ack = await vpp.wait_ack(sent["id"], timeout_s=2)
+            assert ack["status"] == "accepted", ack
+            # pro rata by band: PV 8 kW down, battery 5 kW down (charge) -> 6.5 * 8/13 and 6.5 * 5/13
+            pv_write = await pv.next_write("WMaxLimPct", model_id=704, after_s=sent_at, timeout_s=1.0)
+            bess_write = await bess.next_write("WSet", model_id=704, after_s=sent_at, timeout_s=1.0)
+            assert pv_write.t_s - sent_at < profile.control.cycle_s
+            assert bess_write.t_s - sent_at < profile.control.cycle_s
+            assert pv_write.value == pytest.approx((8.0 - 4.0) / 10.0 * 100, abs=0.02)  # percent of rating
+            assert bess_write.value == pytest.approx(-2500.0, abs=1.0)  # W, charging
+            # the simulator applied it, and the VPP sees it in telemetry
+            message = await until(
+                lambda: vpp.telemetry and abs(vpp.telemetry[-1]["site"]["p_kw"] - (8.0 - 6.5)) < 0.05 and vpp.telemetry[-1],
+                5, "site power to follow")
+            assert message["mode"] == "setpoint" and message["setpoint_id"] == sent["id"]
+            assert message["site"]["activation_kw"] == pytest.approx(-6.5, abs=0.01)
+            Telemetry.model_validate(message)
+            for event in vpp.events:
+                Event.model_validate(event)
+
+
+async def test_rejected_setpoints_never_reach_a_device(tmp_path, mosquitto):
+    async with SunSpecSimulator([DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=8.0)]) as sim:
+        pv = sim.devices[0]
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices)
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 1), 10, "asset online")
+            writes_before = len(pv.writes)
+            now = time.time()
+            bad = [
+                b"not json",
+                json.dumps({"id": "nan", "ts": now, "valid_s": 10, "activation_kw": float("nan")}).encode(),
+                json.dumps({"id": "future", "ts": now + 120, "valid_s": 10, "activation_kw": -1}).encode(),
+                json.dumps({"id": "expired", "ts": now - 30, "valid_s": 10, "activation_kw": -1}).encode(),
+                json.dumps({"id": "beyond", "ts": now, "valid_s": 10, "activation_kw": -50}).encode(),
+                json.dumps({"id": "upward-pv", "ts": now, "valid_s": 10, "activation_kw": 3}).encode(),
+                json.dumps({"id": "type", "ts": now, "valid_s": 10, "activation_kw": "3"}).encode(),
+            ]
+            for raw in bad:
+                await vpp.send_raw(raw)
+            await until(lambda: vpp.acks_rejected == len(bad), 5, "all rejections acked")
+            reasons = {a["id"]: a["reason"] for a in vpp.acks}
+            assert "in the future" in reasons["future"] and "expired" in reasons["expired"]
+            assert "downward band" in reasons["beyond"] and "upward band" in reasons["upward-pv"]
+            assert "finite" in reasons["nan"] and "must be a number" in reasons["type"]
+            assert reasons[None].startswith("not valid JSON")
+            # a replay of an accepted setpoint is rejected too
+            good = await vpp.send_setpoint(-1.0, valid_s=30)
+            await vpp.wait_ack(good["id"])
+            await vpp.send_raw(json.dumps(good).encode())
+            await until(lambda: vpp.acks_rejected == len(bad) + 1, 5, "replay rejected")
+            assert "replay" in vpp.acks[-1]["reason"]
+            # only the good setpoint produced writes
+            limit_writes = [w for w in pv.writes[writes_before:] if w.point == "WMaxLimPct"]
+            assert [round(w.value, 1) for w in limit_writes] == [70.0]
+            await until(lambda: sum(e["type"] == "setpoint_rejected" for e in vpp.events) == len(bad) + 1, 5, "events")
+
+
+async def test_fallback_ramps_to_zero_and_releases_the_devices(tmp_path, mosquitto):
+    async with SunSpecSimulator([DeviceSpec(kind="storage", rated_kw=10.0)]) as sim:
+        bess = sim.devices[0]
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5, setpoint_timeout_s=1.5,
+                               fallback={"ramp_kw_per_s": 4.0})
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 1), 10, "asset online")
+            sent = await vpp.send_setpoint(6.0, valid_s=60)
+            await vpp.wait_ack(sent["id"])
+            await until(lambda: bess.setpoint_kw == pytest.approx(6.0), 2, "6 kW commanded")
+            fallback = await until(lambda: next((e for e in vpp.events if e["type"] == "fallback"), None), 5, "fallback event")
+            assert fallback["detail"]["reason"] == "timeout"
+            released = await bess.next_write("WSetEna", model_id=704, where=lambda r: r.raw == 0, timeout_s=5)
+            # 6 kW at 4 kW/s: about 1.5 s of ramp, through intermediate values
+            ramp = [w.value for w in bess.writes if w.point == "WSet" and w.t_s <= released.t_s]
+            assert any(100.0 < value < 5900.0 for value in ramp), ramp
+            await until(lambda: vpp.telemetry[-1]["mode"] == "idle", 3, "idle after the ramp")
+            assert "fallback" in [t["mode"] for t in vpp.telemetry]
+
+
+async def test_silent_inverter_goes_offline_and_others_keep_their_cadence(tmp_path, mosquitto):
+    specs = [DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=5.0) for _ in range(3)]
+    async with SunSpecSimulator(specs) as sim:
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5)
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 3), 10, "assets online")
+            silenced_at = time.monotonic()
+            sim.devices[0].set_silent(True)
+            requests_before = [d.requests for d in sim.devices]
+            event = await until(lambda: next((e for e in vpp.events if e["type"] == "asset_offline"), None), 3, "offline event")
+            assert event["asset_id"] == "pv0"
+            assert time.monotonic() - silenced_at < 2 * profile.control.cycle_s + 0.5
+            count = len(vpp.telemetry)
+            await vpp.wait_telemetry(count + 6, timeout_s=5)
+            recent = list(vpp.telemetry)[count:]
+            stamps = [time.mktime(time.strptime(t["ts"][:19], "%Y-%m-%dT%H:%M:%S")) + float(t["ts"][19:-1] or 0) for t in recent]
+            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            assert max(gaps) < profile.control.cycle_s * 1.5, gaps
+            assert all(not t["assets"]["pv0"]["online"] and t["assets"]["pv1"]["online"] for t in recent[1:])
+            assert sim.devices[1].requests > requests_before[1] and sim.devices[2].requests > requests_before[2]
+            assert max(t["gateway"]["cycle_lateness_ms_last"] for t in recent) < 100
+            sim.devices[0].set_silent(False)
+            await until(lambda: any(e["type"] == "asset_online" and e["asset_id"] == "pv0" and e["ts"] > event["ts"]
+                                    for e in vpp.events), 15, "back online")
+
+
+async def test_export_limit_holds_with_the_connection_point_meter(tmp_path, mosquitto):
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=18.0), DeviceSpec(kind="meter", load_kw=3.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, meter = sim.devices
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5, grid={"export_limit_kw": 10.0})
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            # no setpoint at all: the limit alone curtails the PV to 10 + 3 kW of load
+            await until(lambda: abs(meter.power_kw - 10.0) < 0.1, 10, "site export at the limit")
+            assert pv.power_kw == pytest.approx(13.0, abs=0.1)
+            event = await until(lambda: next((e for e in vpp.events if e["type"] == "grid_limit"), None), 5, "event")
+            assert event["detail"]["limit"] == "export_limit" and event["detail"]["state"] == "reached"
+            message = await until(lambda: vpp.telemetry and vpp.telemetry[-1]["site"]["metered"]
+                                  and abs(vpp.telemetry[-1]["site"]["p_kw"] - 10.0) < 0.1 and vpp.telemetry[-1], 5, "metered")
+            assert message["site"]["limited_by"] == "export_limit"
+            assert message["assets"]["pv0"]["setpoint_kw"] == pytest.approx(13.0, abs=0.1)
+            # the load grows: the limit still holds
+            meter.set_load(8.0)
+            await until(lambda: abs(pv.power_kw - 18.0) < 0.1, 5, "PV back to its sun")
+            assert meter.power_kw <= 10.0 + 0.1
+
+
+def _read_notify(sock: socket.socket, until_s: float) -> list[str]:
+    messages = []
+    deadline = time.monotonic() + until_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            messages.append(sock.recv(4096).decode())
+        except (socket.timeout, BlockingIOError):
+            break
+    return messages
+
+
+def _write_profile(tmp_path: Path, profile: Profile) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True)))
+    return path
+
+
+async def test_flexedge_run_notifies_systemd_and_pings_the_watchdog_per_cycle(tmp_path, mosquitto):
+    async with SunSpecSimulator([DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=5.0)]) as sim:
+        path = _write_profile(tmp_path, make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.2))
+        sock_path = tmp_path / "notify.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(str(sock_path))
+            env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="2000000")
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "edge.cli", "run", str(path), env=env,
+                                                        stderr=asyncio.subprocess.PIPE)
+            try:
+                messages = await asyncio.to_thread(_read_notify, sock, 4.0)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+            assert proc.returncode == 0, stderr.decode()[-2000:]
+        assert messages[0].startswith("READY=1")
+        assert messages.count("WATCHDOG=1") >= 10  # 0.2 s cycles for about 4 s
+
+
+async def test_kill_9_loses_no_spooled_telemetry(tmp_path, mosquitto):
+    """The broker is away while the daemon runs; the daemon is killed -9; after a restart everything arrives."""
+    async with SunSpecSimulator([DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=5.0)]) as sim:
+        path = _write_profile(tmp_path, make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.2))
+        mosquitto.stop()
+        first = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", str(path)], stderr=subprocess.DEVNULL)
+        await asyncio.sleep(3.0)  # about 15 telemetry messages spooled
+        first.send_signal(signal.SIGKILL)
+        first.wait(5)
+        mosquitto.start()
+        async with VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            second = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", str(path)], stderr=subprocess.DEVNULL)
+            try:
+                def complete():
+                    seqs = sorted({t["seq"] for t in vpp.telemetry})
+                    return len(seqs) > 25 and seqs == list(range(1, seqs[-1] + 1)) and seqs
+                seqs = await until(complete, 20, "every sequence number from 1 on", interval_s=0.1)
+            finally:
+                second.send_signal(signal.SIGTERM)
+                second.wait(10)
+        assert seqs[0] == 1
+        # the backlog (messages of the killed daemon) came oldest first
+        arrival = [t["seq"] for t in vpp.telemetry]
+        backlog = [s for s in arrival if s <= 12]
+        assert backlog == sorted(backlog)
+
+
+def test_systemd_unit_verifies(tmp_path):
+    analyze = "/usr/bin/systemd-analyze"
+    if not Path(analyze).exists():
+        pytest.skip("systemd-analyze not installed")
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "flexedge.service").read_text()
+    flexedge = Path(sys.executable).parent / "flexedge"
+    unit_path = tmp_path / "flexedge.service"
+    unit_path.write_text(unit.replace("/opt/flexedge/bin/flexedge", str(flexedge)))
+    result = subprocess.run([analyze, "verify", str(unit_path)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in result.stderr.splitlines() if "flexedge.service" in line and "Unknown" in line or "Failed" in line]
+    assert not problems, result.stderr
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "User=flexedge" in unit
