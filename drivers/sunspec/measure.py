@@ -1,0 +1,212 @@
+"""From decoded SunSpec models to an ``AssetReading``, with plausibility checks.
+
+Sources, first implemented wins:
+
+================  ===========================================================
+p_kw              inverter 101-103/111-113 ``W``, else 701 ``W`` (both: +
+                  output/generation, so + export); meter 201-204/211-214
+                  ``W`` negated (SunSpec meters count + as import)
+q_kvar            inverter ``VAr``, else 701 ``Var``; meter ``VAR`` negated
+voltage_v         inverter mean of ``PhVphA..C``, else 701 ``LNV``; meter
+                  ``PhV``, else mean of ``PhVphA..C``
+frequency_hz      ``Hz`` of the same model (0 Hz means "not measuring": None)
+soc_pct           802 ``SoC``, else 124 ``ChaState``
+rating (pv)       profile ``rated_kw``, else 702 ``WMaxRtg``, else 120 ``WRtg``
+charge max        profile ``max_charge_kw``, else 702 ``WChaRteMax`` /
+                  ``WChaRteMaxRtg``, 802 ``WChaRteMax``, 120 ``MaxChaRte``,
+                  124 ``WChaMax``, the rating
+discharge max     likewise with ``max_discharge_kw``, ``WDisChaRteMax``,
+                  ``WDisChaRteMaxRtg``, 802 ``WDisChaRteMax``, 120
+                  ``MaxDisChaRte``, 124 ``WChaMax``, the rating
+================  ===========================================================
+
+Commandable range: pv 0..rating; bess -charge max..+discharge max (through
+124 also at most ``WChaMax``; through a limit-only path no charging), 0 on
+the discharge side at or below ``soc_min_pct`` and on the charge side at or
+above ``soc_max_pct``; meter and uncontrollable devices: None.
+
+Plausibility: a value that is not finite, |P| or |Q| above ten times the
+rating (pv/bess), a voltage outside 0..100 kV, a frequency outside 40..70 Hz
+or a SoC outside 0..100 % is dropped (None) and makes the reading degraded,
+with the reason in ``detail``.  An inverter reporting ``St`` = FAULT is
+degraded too.
+
+Public API: ``build_reading(asset, blocks, path, now) -> AssetReading``
+(``asset`` the ``SunSpecAsset``, ``blocks`` the ``ModelBlock`` per model id,
+``path`` the control path from ``drivers.sunspec.control``, ``now`` the
+wall-clock time of the read).
+"""
+
+from __future__ import annotations
+
+import math
+
+from edge.asset import AssetReading
+
+from drivers.sunspec.codec import ModelBlock
+from drivers.sunspec.control import PATH_CAN_CHARGE
+
+INVERTER_MODELS = (103, 102, 101, 113, 112, 111)
+METER_MODELS = (203, 204, 202, 201, 213, 214, 212, 211)
+INVERTER_FAULT = 7  # 101-103 St enum: FAULT
+PLAUSIBLE_FACTOR = 10.0
+
+
+class _Collector:
+    def __init__(self, blocks: dict[int, ModelBlock]):
+        self.blocks = blocks
+        self.problems: list[str] = []
+
+    def value(self, model_id: int, point: str) -> float | None:
+        block = self.blocks.get(model_id)
+        if block is None:
+            return None
+        try:
+            value = block.value(point)
+        except ValueError as error:
+            self.problems.append(str(error))
+            return None
+        if value is not None and not math.isfinite(value):
+            self.problems.append(f"model {model_id} {point} is {value}")
+            return None
+        return value
+
+    def first(self, candidates) -> float | None:
+        for model_id, point in candidates:
+            value = self.value(model_id, point)
+            if value is not None:
+                return value
+        return None
+
+    def mean(self, model_id: int, points) -> float | None:
+        values = [v for v in (self.value(model_id, p) for p in points) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def checked(self, name: str, value: float | None, lo: float, hi: float, unit: str) -> float | None:
+        if value is None:
+            return None
+        if not lo <= value <= hi:
+            self.problems.append(f"implausible {name} {value:g} {unit} (expected {lo:g}..{hi:g})")
+            return None
+        return value
+
+
+def _kw(watts: float | None) -> float | None:
+    return None if watts is None else watts / 1000.0
+
+
+def _inverter_model(blocks) -> int | None:
+    return next((m for m in INVERTER_MODELS if m in blocks), None)
+
+
+def _meter_model(blocks) -> int | None:
+    return next((m for m in METER_MODELS if m in blocks), None)
+
+
+def _electrical(c: _Collector, kind: str):
+    """(p_w, q_var, voltage_v, frequency_hz) in the flexedge sign convention."""
+    if kind == "meter":
+        meter = _meter_model(c.blocks)
+        if meter is None:
+            return None, None, None, None
+        w, var = c.value(meter, "W"), c.value(meter, "VAR")
+        voltage = c.value(meter, "PhV")
+        if voltage is None:
+            voltage = c.mean(meter, ("PhVphA", "PhVphB", "PhVphC"))
+        return (None if w is None else -w), (None if var is None else -var), voltage, c.value(meter, "Hz")
+    inverter = _inverter_model(c.blocks)
+    w = var = voltage = hz = None
+    if inverter is not None:
+        w, var, hz = c.value(inverter, "W"), c.value(inverter, "VAr"), c.value(inverter, "Hz")
+        voltage = c.mean(inverter, ("PhVphA", "PhVphB", "PhVphC"))
+        if c.blocks[inverter].raw("St") == INVERTER_FAULT:
+            c.problems.append(f"inverter {inverter} St is FAULT")
+    if 701 in c.blocks:
+        w = w if w is not None else c.value(701, "W")
+        var = var if var is not None else c.value(701, "Var")
+        voltage = voltage if voltage is not None else c.value(701, "LNV")
+        hz = hz if hz is not None else c.value(701, "Hz")
+    return w, var, voltage, hz
+
+
+def _rating_kw(asset, c: _Collector) -> float | None:
+    if asset.rated_kw:
+        return asset.rated_kw
+    watts = c.first([(702, "WMaxRtg"), (120, "WRtg"), (702, "WMax"), (121, "WMax")])
+    return _kw(watts) if watts and watts > 0 else None
+
+
+def _storage_limit_kw(override, c: _Collector, candidates, rating_kw) -> float | None:
+    if override is not None:
+        return override
+    watts = c.first(candidates)
+    if watts is not None and watts > 0:
+        return watts / 1000.0
+    return rating_kw
+
+
+def _range(asset, c: _Collector, path: str | None, rating_kw, soc) -> tuple[float | None, float | None]:
+    if asset.kind == "meter" or path is None:
+        return None, None
+    if asset.kind == "pv":
+        return (0.0, rating_kw) if rating_kw is not None else (0.0, None)
+    charge = _storage_limit_kw(
+        asset.max_charge_kw, c,
+        [(702, "WChaRteMax"), (702, "WChaRteMaxRtg"), (802, "WChaRteMax"), (120, "MaxChaRte"), (124, "WChaMax")],
+        rating_kw,
+    )
+    discharge = _storage_limit_kw(
+        asset.max_discharge_kw, c,
+        [(702, "WDisChaRteMax"), (702, "WDisChaRteMaxRtg"), (802, "WDisChaRteMax"), (120, "MaxDisChaRte"),
+         (124, "WChaMax")],
+        rating_kw,
+    )
+    if path == "124-rate":
+        wchamax = _kw(c.value(124, "WChaMax"))
+        if wchamax is not None:
+            charge = min(charge, wchamax) if charge is not None else wchamax
+            discharge = min(discharge, wchamax) if discharge is not None else wchamax
+    if not PATH_CAN_CHARGE.get(path, False):
+        charge = 0.0
+    p_min = -charge if charge is not None else None
+    p_max = discharge
+    if soc is not None:
+        if soc <= asset.soc_min_pct:
+            p_max = 0.0
+        if soc >= asset.soc_max_pct:
+            p_min = 0.0
+    return (0.0 if p_min == 0 else p_min), p_max
+
+
+def build_reading(asset, blocks: dict[int, ModelBlock], path: str | None, now: float) -> AssetReading:
+    c = _Collector(blocks)
+    w, var, voltage, hz = _electrical(c, asset.kind)
+    rating_kw = _rating_kw(asset, c) if asset.kind != "meter" else asset.rated_kw
+    p_kw, q_kvar = _kw(w), _kw(var)
+    if rating_kw:
+        bound = PLAUSIBLE_FACTOR * rating_kw
+        p_kw = c.checked("active power", p_kw, -bound, bound, "kW")
+        q_kvar = c.checked("reactive power", q_kvar, -bound, bound, "kvar")
+    voltage = c.checked("voltage", voltage, 0.0, 100_000.0, "V")
+    if hz == 0:
+        hz = None
+    hz = c.checked("frequency", hz, 40.0, 70.0, "Hz")
+    soc = None
+    if asset.kind == "bess":
+        soc = c.checked("state of charge", c.first([(802, "SoC"), (124, "ChaState")]), 0.0, 100.0, "%")
+    p_min, p_max = _range(asset, c, path, rating_kw, soc)
+    if asset.kind != "meter" and path is None and asset.controllable:
+        c.problems.append("no control model (704, 123 or 124) found")
+    return AssetReading(
+        online=True,
+        p_kw=p_kw,
+        q_kvar=q_kvar,
+        soc_pct=soc,
+        p_min_kw=p_min,
+        p_max_kw=p_max,
+        voltage_v=voltage,
+        frequency_hz=hz,
+        degraded=bool(c.problems),
+        detail="; ".join(c.problems),
+        read_at=now,
+    )
