@@ -126,13 +126,15 @@ class Gateway:
                 task.cancel()
             await asyncio.gather(control_task, *driver_tasks, return_exceptions=True)
             await self._flush_outbox(timeout_s=2.0)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # close() waits for PUBACKs in flight, publishes the shutdown status
+            # and ends the uplink's run(); only then are the helpers cancelled.
             try:
                 await asyncio.wait_for(self.uplink.close(), 3.0)
             except (asyncio.TimeoutError, Exception) as error:  # shutting down: report, do not hang
                 log.warning("uplink close: %s", error or "timeout")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(spool.close)
             log.info("stopped")
 

@@ -48,6 +48,7 @@ class CycleStats:
             "cycle_lateness_ms_p99": round(percentile(lateness, 99) * 1000, 3),
             "loop_lag_ms_p99": round(self.loop_lag.p99_s() * 1000, 3),
             "loop_lag_ms_max": round(self.loop_lag.max_s() * 1000, 3),
+            "loop_lag_ms_max_since_last": round(self.loop_lag.take_max_since_last_s() * 1000, 3),
         }
 
 
@@ -57,12 +58,20 @@ class LoopLagMonitor:
     def __init__(self, interval_s: float = 0.1, window: int = 3000):
         self.interval_s = interval_s
         self.samples_s: deque[float] = deque(maxlen=window)
+        self._max_since_last_s = 0.0
 
     async def run(self) -> None:
         while True:
             started = time.monotonic()
             await asyncio.sleep(self.interval_s)
-            self.samples_s.append(max(0.0, time.monotonic() - started - self.interval_s))
+            lag_s = max(0.0, time.monotonic() - started - self.interval_s)
+            self.samples_s.append(lag_s)
+            self._max_since_last_s = max(self._max_since_last_s, lag_s)
+
+    def take_max_since_last_s(self) -> float:
+        """The largest lag since the previous call (one telemetry message to the next)."""
+        value, self._max_since_last_s = self._max_since_last_s, 0.0
+        return value
 
     def p99_s(self) -> float:
         return percentile(list(self.samples_s), 99)

@@ -81,6 +81,7 @@ class GatewayHealth(Contract):
     cycle_lateness_ms_p99: float
     loop_lag_ms_p99: float
     loop_lag_ms_max: float
+    loop_lag_ms_max_since_last: float = Field(description="Largest event-loop lag since the previous telemetry message.")
 
 
 class Telemetry(Contract):

@@ -144,8 +144,11 @@ def _assignments(path: str, target_kw: float | None, revert_s: int, blocks, rate
 
 
 def build_writes(
-    path: str, target_kw: float | None, revert_s: int, blocks: dict[int, ModelBlock], rated_kw: float | None = None
+    path: str, target_kw: float | None, revert_s: int, blocks: dict[int, ModelBlock], rated_kw: float | None = None,
+    refresh: bool = True,
 ) -> list[RegisterWrite]:
+    """The register writes for a target.  ``refresh=False`` (a new target) leaves out
+    a revert timer or mode the device already holds, so the command is one request."""
     model_id, assignments = _assignments(path, target_kw, revert_s, blocks, rated_kw)
     block = blocks.get(model_id)
     if block is None:
@@ -156,6 +159,13 @@ def build_writes(
             if name.endswith("RvrtTms") or name == "WSetMod":
                 continue  # optional: older or shorter model revisions lack them
             raise CommandError(f"model {model_id} has no point {name}")
+        if not refresh and (name.endswith("RvrtTms") or name == "WSetMod") and block.raw(name) == value:
+            # The device already holds it (read back every poll).  Writing it again
+            # would cost a second request: in 704 the timer is not adjacent to the
+            # enable and the setpoint, and a new command must arrive at once.  The
+            # refresh every cycle still rewrites the timer, for devices that restart
+            # it only when the timer itself is written.
+            continue
         spec = block.layout.points[name]
         try:
             sf = block.sf(name)

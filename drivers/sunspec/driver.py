@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from typing import Any
 
 from edge.asset import AssetDriver, AssetReading, EventSink
@@ -42,7 +43,7 @@ POLLED_MODELS = {
 COMMON_MODEL = 1
 # Firmware can swap a model the driver does not poll without moving any it does;
 # a periodic walk of the chain (a few two-register reads) catches that too.
-RESCAN_INTERVAL_S = 60.0
+RESCAN_INTERVAL_S = 600.0
 
 
 class MapChanged(Exception):
@@ -63,6 +64,11 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def poll_phase(asset_id: str) -> float:
+    """A stable fraction of the cycle in [0.1, 1.1) for this asset's polls."""
+    return 0.1 + (zlib.crc32(asset_id.encode()) % 1000) / 1000.0
 
 
 class SunSpecDriver(AssetDriver):
@@ -210,7 +216,8 @@ class SunSpecDriver(AssetDriver):
     async def _discover(self) -> bool:
         """Walk the map; True when it differs from the one in use (then everything is re-planned)."""
         new_map = await discover(self._read, self._bases())
-        self._next_rescan = time.monotonic() + RESCAN_INTERVAL_S
+        # Jittered so that a site's drivers, discovered together, never walk together.
+        self._next_rescan = time.monotonic() + RESCAN_INTERVAL_S * random.uniform(0.75, 1.25)
         previous = self.model_map
         if previous is not None and previous == new_map:
             return False
@@ -265,7 +272,10 @@ class SunSpecDriver(AssetDriver):
     # ------------------------------------------------------------- polling
 
     async def _serve(self) -> None:
-        next_poll = time.monotonic() + self.cycle_s
+        # Each asset polls at its own phase of the cycle (stable per asset id), so
+        # that a site's devices are not all read in one burst: a burst delays the
+        # loop, and with it a setpoint arriving at that moment.
+        next_poll = time.monotonic() + self.cycle_s * poll_phase(self.asset_id)
         while True:
             if self._target_pending:
                 await self._write_target()
@@ -344,7 +354,8 @@ class SunSpecDriver(AssetDriver):
             return
         try:
             writes = build_writes(
-                self.control_path, target, int(self.asset.revert_timeout_s), self._blocks, self.asset.rated_kw
+                self.control_path, target, int(self.asset.revert_timeout_s), self._blocks, self.asset.rated_kw,
+                refresh=refresh,
             )
         except CommandError as error:
             self._command_failed(target, str(error), refresh)
