@@ -106,7 +106,7 @@ def cmd_demo(args) -> int:
     from edge.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level if args.log_level != "info" else "warning")
-    return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir))
+    return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir, broker_choice=args.broker))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--profile", default=str(Path(__file__).resolve().parent.parent / "profiles" / "demo.yaml"))
     demo.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     demo.add_argument("--workdir", default=None, help="where the demo keeps its spool (default: a temporary folder)")
+    demo.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
+                      help="MQTT broker: a private Mosquitto if installed (auto), or the embedded one")
     logging_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

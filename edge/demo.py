@@ -80,10 +80,12 @@ class MosquittoProcess:
             await asyncio.to_thread(self.proc.wait, 5)
 
 
-def _broker(profile: Profile, workdir: Path):
+def _broker(profile: Profile, workdir: Path, choice: str = "auto"):
     mqtt = profile.uplink.mqtt
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if binary:
+    if choice == "mosquitto" and not binary:
+        raise RuntimeError("--broker mosquitto: mosquitto is not installed (apt-get install mosquitto)")
+    if binary and choice != "embedded":
         return "Mosquitto", MosquittoProcess(binary, mqtt.host, mqtt.port, workdir)
     from simulators.broker import MqttBroker
 
@@ -152,7 +154,8 @@ async def _show(vpp, screen: Screen) -> None:
         shown_rejections = len(rejected)
 
 
-async def run_demo(profile_path: Path, duration_s: float | None = None, workdir: str | None = None) -> int:
+async def run_demo(profile_path: Path, duration_s: float | None = None, workdir: str | None = None,
+                   broker_choice: str = "auto") -> int:
     from edge.daemon import Gateway
     from simulators.sunspec import SunSpecSimulator
     from simulators.vpp import StepsPattern, VppSimulator
@@ -168,7 +171,11 @@ async def run_demo(profile_path: Path, duration_s: float | None = None, workdir:
         spool = profile.uplink.spool.model_copy(update={"path": folder / "spool.sqlite"})
         profile = profile.model_copy(update={"uplink": profile.uplink.model_copy(update={"spool": spool})})
         mqtt = profile.uplink.mqtt
-        broker_name, broker = _broker(profile, folder)
+        try:
+            broker_name, broker = _broker(profile, folder, broker_choice)
+        except RuntimeError as error:
+            print(f"demo could not start: {error}", file=sys.stderr)
+            return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
