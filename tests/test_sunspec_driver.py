@@ -418,6 +418,25 @@ async def test_revert_timer_is_refreshed_while_a_target_is_in_force():
         assert device.image.get_raw(704, "WMaxLimPctEna") == 0
 
 
+async def test_refresh_follows_the_revert_timer_not_the_cycle():
+    async with simulated(DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=9.0)) as sim:
+        device = sim.device()
+        # A 4 s timer is refreshed about every second (a quarter), not every 0.3 s cycle,
+        # even while new targets (written without the timer) arrive every cycle.
+        async with driving(tcp_asset(device, revert_timeout_s=4)) as (driver, _):
+            driver.set_target_kw(3.0)
+            await device.next_write("WMaxLimPctRvrtTms", timeout_s=1)
+            started = time.monotonic()
+            for step in range(10):
+                driver.set_target_kw(3.0 + 0.5 * (step % 2))
+                await asyncio.sleep(CYCLE_S)
+            timer_writes = [w for w in device.writes if w.point == "WMaxLimPctRvrtTms" and w.t_s >= started]
+            limit_writes = [w for w in device.writes if w.point == "WMaxLimPct" and w.t_s >= started]
+            assert 2 <= len(timer_writes) <= 5, [round(w.t_s - started, 2) for w in timer_writes]
+            assert len(limit_writes) >= 10
+            assert device.reverts == []
+
+
 async def test_silent_device_goes_offline_within_two_cycles_and_comes_back():
     async with simulated(DeviceSpec(kind="pv", sun_kw=5.0)) as sim:
         device = sim.device()

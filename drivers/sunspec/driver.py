@@ -44,6 +44,7 @@ COMMON_MODEL = 1
 # Firmware can swap a model the driver does not poll without moving any it does;
 # a periodic walk of the chain (a few two-register reads) catches that too.
 RESCAN_INTERVAL_S = 600.0
+REFRESH_MAX_S = 60.0  # a command in force is written again at least this often
 
 
 class MapChanged(Exception):
@@ -87,6 +88,7 @@ class SunSpecDriver(AssetDriver):
         self._target: float | None = None
         self._target_pending = False
         self._release_unconfirmed = False
+        self._last_written = 0.0
         self._layouts: dict[int, tuple[ModelEntry, ModelLayout]] = {}
         self._plan: list[ReadSpan] = []
         self._blocks: dict[int, ModelBlock] = {}
@@ -283,7 +285,7 @@ class SunSpecDriver(AssetDriver):
                 if time.monotonic() >= self._next_rescan and await self._discover():
                     log.warning("%s: model map changed (periodic rescan)", self.asset_id)
                 await self._poll()
-                if self._target is not None or self._release_unconfirmed:
+                if self._release_unconfirmed or (self._target is not None and self._refresh_due()):
                     await self._write_target(refresh=True)
                 next_poll += self.cycle_s
                 if next_poll <= time.monotonic():  # fell behind: do not burst to catch up
@@ -342,6 +344,14 @@ class SunSpecDriver(AssetDriver):
 
     # ------------------------------------------------------------- control
 
+    def _refresh_due(self) -> bool:
+        """Whether to write the command again now: often enough that the revert timer
+        never runs out (a quarter of it), never more than once a cycle, and at least
+        once a minute, which also restores a command a rebooted device forgot."""
+        revert_s = float(self.asset.revert_timeout_s)
+        interval_s = min(REFRESH_MAX_S, revert_s / 4) if revert_s > 0 else REFRESH_MAX_S
+        return time.monotonic() - self._last_written >= max(0.0, interval_s - self.cycle_s / 2)
+
     async def _write_target(self, refresh: bool = False) -> None:
         target = self._target
         self._target_pending = False
@@ -380,6 +390,8 @@ class SunSpecDriver(AssetDriver):
                 "; ".join(map(str, writes)),
             )
         self._release_unconfirmed = False
+        if refresh or any(label.endswith("RvrtTms") for write in writes for label in write.points):
+            self._last_written = time.monotonic()  # only a write with the timer restarts it everywhere
         if self._command_problem:
             self._command_problem = None
             self._report_degraded()
