@@ -34,7 +34,7 @@ DEMO_DEVICES: dict[str, dict[str, Any]] = {
 }
 SIM_KIND = {"pv": "pv", "bess": "storage", "meter": "meter"}
 VPP_AMPLITUDE_KW = 15.0
-VPP_STEP_S = 20.0
+VPP_STEP_S = 10.0
 
 
 def device_specs(profile: Profile) -> list[Any]:
