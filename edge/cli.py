@@ -72,12 +72,40 @@ def _kw(value) -> str:
     return "none" if value is None else f"{value:g} kW"
 
 
+def machine_warnings(profile) -> list[str]:
+    """What the profile names that is missing on this machine: warnings, since a
+    profile is often checked on a laptop before it reaches the site."""
+    import os
+
+    warnings = []
+    mqtt = profile.uplink.mqtt
+    files = {"uplink.mqtt.password_file": mqtt.password_file}
+    if mqtt.tls:
+        files |= {"uplink.mqtt.tls.ca_file": mqtt.tls.ca_file, "uplink.mqtt.tls.cert_file": mqtt.tls.cert_file,
+                  "uplink.mqtt.tls.key_file": mqtt.tls.key_file}
+    for key, path in files.items():
+        if path is not None and not Path(path).is_file():
+            warnings.append(f"{key}: {path} does not exist on this machine")
+    if mqtt.password_env and mqtt.password_env not in os.environ:
+        warnings.append(f"uplink.mqtt.password_env: {mqtt.password_env} is not set in this environment")
+    spool_dir = Path(profile.uplink.spool.path).parent
+    if not spool_dir.is_dir():
+        warnings.append(f"uplink.spool.path: folder {spool_dir} does not exist (systemd creates /var/lib/flexedge)")
+    for index, asset in enumerate(profile.assets):
+        serial = getattr(asset, "serial", None)
+        if serial is not None and not Path(serial.port).exists():
+            warnings.append(f"assets[{index}].serial.port: {serial.port} does not exist on this machine")
+    return warnings
+
+
 def cmd_check(args) -> int:
     profile = _load_or_report(args.profile)
     if profile is None:
         return EXIT_PROFILE_INVALID
     print(f"{args.profile}: OK")
     print(summary(profile))
+    for warning in machine_warnings(profile):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

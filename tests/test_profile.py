@@ -138,3 +138,17 @@ def test_password_is_read_from_env_and_file(tmp_path, monkeypatch):
     profile = Profile.model_validate({"site": {"id": "s"}, "uplink": {"mqtt": {"username": "u", "password_env": "FLEXEDGE_PW"}}})
     assert profile.uplink.mqtt.password() == "from-env"
     assert "from-env" not in repr(profile)
+
+
+def test_check_warns_about_what_is_missing_on_this_machine(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLEXEDGE_TEST_UNSET", raising=False)
+    text = GOOD.replace("uplink:\n  mqtt:\n    host: broker.example\n", (
+        "uplink:\n  mqtt:\n    host: broker.example\n    password_env: FLEXEDGE_TEST_UNSET\n"
+        f"    tls: {{ca_file: {tmp_path}/nope-ca.pem}}\n  spool: {{path: {tmp_path}/spool.sqlite}}\n"
+    )) + "  - id: rtu1\n    kind: pv\n    driver: sunspec\n    serial: {port: /dev/ttyNOPE0}\n"
+    result = check(write(tmp_path, text))
+    assert result.returncode == 0, result.stderr  # warnings, not errors
+    assert f"warning: uplink.mqtt.tls.ca_file: {tmp_path}/nope-ca.pem does not exist on this machine" in result.stderr
+    assert "warning: uplink.mqtt.password_env: FLEXEDGE_TEST_UNSET is not set" in result.stderr
+    assert "warning: assets[1].serial.port: /dev/ttyNOPE0 does not exist" in result.stderr
+    assert "uplink.spool.path" not in result.stderr  # tmp_path exists
