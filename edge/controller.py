@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from edge.allocation import Allocation, AssetBand, allocate
 from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
 from edge.health import CycleStats
 from edge.profile import Profile
 from edge.setpoints import Setpoint, SetpointRejected, SetpointValidator, iso_time
@@ -80,6 +81,7 @@ class Controller:
         self.stats = stats or CycleStats()
         self.on_cycle = on_cycle or (lambda: None)
         self.state = ControlState()
+        self.grid_orders: GridOrders = NO_ORDERS
         self.validator = SetpointValidator(profile.control)
         self._meter = next((a for a in assets if a.connection_point), None)
 
@@ -109,6 +111,22 @@ class Controller:
             {"id": setpoint.id, "status": "accepted", "reason": None, "ts": iso_time(now), "activation_kw": setpoint.activation_kw},
         )
         self.step(now)
+
+    # -------------------------------------------------------- grid orders
+
+    def apply_grid_orders(self, orders: GridOrders) -> Allocation:
+        """Put the grid operator's orders in force and act on them at once."""
+        previous, self.grid_orders = self.grid_orders, orders
+        allocation = self.step(time.time())
+        if orders != previous:
+            log.warning("grid operator orders now: export limit %s, disconnected %s (%s)",
+                        orders.export_limit_kw, orders.disconnected, orders.source)
+            self.emit_event("grid_order_applied", None, {
+                "export_limit_kw": orders.export_limit_kw, "disconnected": orders.disconnected,
+                "reactive_setpoint_kvar": orders.reactive_setpoint_kvar, "tan_phi": orders.tan_phi,
+                "source": orders.source, "predicted_site_kw": round(allocation.site_kw, 3),
+            })
+        return allocation
 
     # --------------------------------------------------------------- cycle
 
@@ -147,10 +165,12 @@ class Controller:
         requested = self._requested_activation(now, dt)
         bands, uncontrolled_kw = self._bands(readings, freeze=requested != 0.0 or state.active)
         grid = self.profile.grid
-        allocation = allocate(requested, bands, uncontrolled_kw, grid.export_limit_kw, grid.import_limit_kw)
+        export_limit_kw = effective_export_limit_kw(grid.export_limit_kw, self.grid_orders)
+        allocation = allocate(requested, bands, uncontrolled_kw, export_limit_kw, grid.import_limit_kw)
 
         # Baselines stay frozen while an activation or a grid limit is in force.
-        limit_binding = allocation.limited_by in ("export_limit", "import_limit") or allocation.limit_violation_kw > 0
+        limit_binding = (allocation.limited_by in ("export_limit", "import_limit") or allocation.limit_violation_kw > 0
+                         or self.grid_orders.active)
         now_active = requested != 0.0 or limit_binding or any(abs(allocation.targets_kw[b.asset_id] - b.baseline_kw) > TARGET_DEADBAND_KW for b in bands)
         if now_active and not state.active:
             for band in bands:
@@ -225,6 +245,10 @@ class Controller:
                 asset.frozen_baseline_kw = reading.p_kw
             baseline = asset.frozen_baseline_kw if freeze else reading.p_kw
             p_min, p_max = self._range(asset, reading, baseline)
+            if self.grid_orders.disconnected:
+                # Decoupling ordered by the grid operator: nothing on site may produce.
+                p_max = 0.0
+                p_min = min(p_min, 0.0)
             bands.append(AssetBand(asset.id, baseline, p_min, p_max))
             measured_in_bands += reading.p_kw
         meter = self._meter
@@ -372,6 +396,11 @@ class Controller:
                 "limited_by": allocation.limited_by if allocation else None,
             },
             "assets": assets_out,
+            "grid_orders": {
+                "export_limit_kw": self.grid_orders.export_limit_kw,
+                "disconnected": self.grid_orders.disconnected,
+                "source": self.grid_orders.source,
+            },
             "gateway": self.stats.snapshot(),
         }
 

@@ -84,6 +84,12 @@ class GatewayHealth(Contract):
     loop_lag_ms_max_since_last: float = Field(description="Largest event-loop lag since the previous telemetry message.")
 
 
+class GridOrdersValues(Contract):
+    export_limit_kw: Kw = Field(description="Active-power limit ordered by the grid operator (DEIE); null: none.")
+    disconnected: bool = Field(description="The grid operator ordered the site to stop producing.")
+    source: str = Field(description="Where the orders come from: none, deie, link_loss_default.")
+
+
 class Telemetry(Contract):
     """`<prefix>/<site>/telemetry`: one per control cycle, spooled."""
 
@@ -95,6 +101,7 @@ class Telemetry(Contract):
     setpoint_id: str | None
     site: SiteValues
     assets: dict[str, AssetValues]
+    grid_orders: GridOrdersValues
     gateway: GatewayHealth
 
 

@@ -289,3 +289,35 @@ def test_systemd_unit_verifies(tmp_path):
     problems = [line for line in result.stderr.splitlines() if "flexedge.service" in line and "Unknown" in line or "Failed" in line]
     assert not problems, result.stderr
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "User=flexedge" in unit
+
+
+async def test_grid_operator_orders_win_over_the_vpp_at_once(tmp_path, mosquitto):
+    from edge.gridorders import NO_ORDERS, GridOrders
+
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=16.0), DeviceSpec(kind="storage", rated_kw=10.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=1.0)
+        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "assets online")
+            sent = await vpp.send_setpoint(8.0, valid_s=60)  # VPP: battery discharges 8 kW -> site 24 kW
+            await vpp.wait_ack(sent["id"])
+            await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "VPP activation delivered")
+
+            ordered_at = time.monotonic()
+            gateway.controller.apply_grid_orders(GridOrders(export_limit_kw=12.0, source="deie"))
+            # enforced at once, not at the next cycle: the writes follow within milliseconds
+            await bess.next_write("WSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+            await until(lambda: pv.power_kw + bess.power_kw <= 12.0 + 0.1, 1.0, "site capped by the order")
+            message = await until(lambda: vpp.telemetry[-1]["grid_orders"]["export_limit_kw"] == 12.0 and vpp.telemetry[-1],
+                                  3, "order in telemetry")
+            assert message["site"]["activation_requested_kw"] == 8.0 and message["site"]["limited_by"] == "export_limit"
+            Telemetry.model_validate(message)
+            assert any(e["type"] == "grid_order_applied" for e in vpp.events) or await until(
+                lambda: any(e["type"] == "grid_order_applied" for e in vpp.events), 3, "order event")
+
+            gateway.controller.apply_grid_orders(GridOrders(disconnected=True, source="deie"))
+            await until(lambda: pv.power_kw < 0.1 and bess.power_kw <= 0.01, 2.0, "nothing produces")
+
+            gateway.controller.apply_grid_orders(NO_ORDERS)  # lifted: the VPP's activation again
+            await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "activation back")
