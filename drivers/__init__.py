@@ -13,6 +13,7 @@ from edge.asset import AssetDriver, EventSink
 
 DRIVER_MODULES = {
     "sunspec": "drivers.sunspec",
+    "iec104": "drivers.iec104",
 }
 
 

@@ -228,9 +228,12 @@ class SunSpecAsset(AssetBase):
         return self
 
 
-# Later issues add IEC 104 and OCPP assets to this union.
-Asset = Annotated[Union[SunSpecAsset], Field(discriminator="driver")]
-DRIVER_NAMES = "sunspec"
+# Each driver package defines its own asset model on AssetBase; imported here,
+# after the base classes, because those modules import them from this one.
+from drivers.iec104.config import Iec104Asset  # noqa: E402
+
+Asset = Annotated[Union[SunSpecAsset, Iec104Asset], Field(discriminator="driver")]
+DRIVER_NAMES = "sunspec, iec104"
 
 
 # ------------------------------------------------------------------ profile
@@ -271,6 +274,9 @@ _MESSAGES = {
 }
 
 
+_DRIVER_TAGS = {"sunspec", "iec104"}
+
+
 def _path_text(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -293,7 +299,7 @@ def _problems_from(error: ValidationError, doc: YamlDocument) -> list[ProfilePro
     problems = []
     for item in error.errors():
         # pydantic adds the discriminator tag to the location of union members
-        loc = tuple(p for p in item["loc"] if p != "sunspec" and not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(p for p in item["loc"] if p not in _DRIVER_TAGS and not (isinstance(p, str) and p.startswith("function-")))
         message = _MESSAGES.get(item["type"], item["msg"])
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]

@@ -24,10 +24,12 @@ def _key_paths(model, prefix=""):
 def test_every_profile_key_is_documented():
     text = (DOCS / "profile.md").read_text()
     documented = set(re.findall(r"^\| `([^`]+)` \|", text, re.M)) | set(re.findall(r"^##+ `([^`]+)`", text, re.M))
+    from drivers.iec104.config import Iec104Asset
     from edge.profile import SunSpecAsset
 
     expected = {p for p in _key_paths(Profile) if not p.startswith("assets")}
-    expected |= {p.removeprefix("") for p in _key_paths(SunSpecAsset)}
+    for asset_model in (SunSpecAsset, Iec104Asset):
+        expected |= set(_key_paths(asset_model))
     def covered(path: str) -> bool:
         return path in documented or path.split(".")[-1] in documented or any(d.startswith(path + ".") for d in documented)
 

@@ -1,0 +1,444 @@
+"""The IEC 104 driver task: the gateway as controlling station (c104.Client) of one unit.
+
+See the package docstring (``drivers/iec104/__init__.py``) for the public API.
+c104 runs its own C++ threads; every callback here only parses what it got and
+hands it to the event loop with ``call_soon_threadsafe``.  All driver state is
+touched on the loop only.  Blocking c104 calls (``Point.transmit``, start/stop)
+run in worker threads via ``asyncio.to_thread``.
+"""
+
+# No "from __future__ import annotations": c104 checks callback annotations as objects, not strings.
+import asyncio
+import logging
+import math
+import random
+import time
+from typing import Any
+
+import c104
+
+from edge.asset import AssetDriver, AssetReading, EventSink
+
+from drivers.iec104 import apdu
+from drivers.iec104.config import Iec104Asset, PointSpec
+from drivers.iec104.reading import blocking_reason, build_reading, feasible_target_kw
+
+log = logging.getLogger("flexedge.drivers.iec104")
+
+TYPE_ID_C_IC_NA_1 = 100
+
+class Backoff:
+    """Capped exponential backoff with equal jitter."""
+
+    def __init__(self, first_s: float = 0.1, cap_s: float = 30.0, rng=random.random):
+        self.first_s, self.cap_s, self.rng = first_s, cap_s, rng
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.first_s * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return ceiling / 2 + self.rng() * ceiling / 2
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+class LinkDown(Exception):
+    """The connection to the unit is not usable; the message says why."""
+
+def _python_value(point: c104.Point) -> Any:
+    value = point.value
+    if isinstance(value, c104.Double):
+        return {c104.Double.ON: True, c104.Double.OFF: False}.get(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    return float(value)
+
+def _raw_command_value(spec: PointSpec, raw: float):
+    if spec.type in ("C_SE_NB_1", "C_SE_TB_1"):
+        counts = round(raw)
+        if not -32768 <= counts <= 32767:
+            raise ValueError(f"{raw:g} counts does not fit the 16-bit scaled value of {spec.type} (IOA {spec.ioa})")
+        return c104.Int16(counts)
+    if spec.type in ("C_SE_NA_1", "C_SE_TA_1"):
+        if not -1.0 <= raw < 1.0:
+            raise ValueError(f"{raw:g} is outside the normalized range -1..<1 of {spec.type} (IOA {spec.ioa})")
+        return c104.NormalizedFloat(raw)
+    return float(raw)
+
+class Iec104Driver(AssetDriver):
+    def __init__(self, asset: Iec104Asset, cycle_s: float, emit_event: EventSink, *, backoff: Backoff | None = None):
+        super().__init__(asset.id, cycle_s, emit_event)
+        self.asset = asset
+        self.points = asset.point_map()
+        self.endpoint = f"{asset.host}:{asset.port}/CA{asset.common_address}"
+        self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=30.0)
+        self._check_s = cycle_s / 8
+        self.offline_after_s = 2.0 * cycle_s - self._check_s
+        self.probe_after_s = cycle_s / 2
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: c104.Client | None = None
+        self._connection: c104.Connection | None = None
+        self._remote_points: dict[str, c104.Point] = {}
+        self._signal_by_ioa = {spec.ioa: name for name, spec in self.points.items()}
+        self._values: dict[str, Any] = {}
+        self._bad_quality: set[str] = set()
+        self._value_at: float | None = None
+        self._state = c104.ConnectionState.CLOSED
+        self._state_changed = asyncio.Event()
+        self._gi_done = asyncio.Event()
+        self._link_dead: str | None = None
+        self._last_heard: float | None = None
+        self._last_probe = 0.0
+        self._online: bool | None = None
+        self._last_error = "not connected yet"
+        self._command_problem: str | None = None
+        self._degraded_reported = False
+        self._target: float | None = None
+        self._target_pending = False
+        self._confirmed_target: float | None = None
+        self._wake = asyncio.Event()
+        self._waiters: dict[tuple[int, int], asyncio.Future] = {}
+        self._transmit: asyncio.Future | None = None
+        self.commands_sent = 0
+        self.commands_failed = 0
+
+    # ------------------------------------------------------------ public API
+
+    def reading(self) -> AssetReading:
+        if not self._online:
+            return AssetReading(online=False, detail=self._last_error, read_at=time.time())
+        problems = [f"bad quality on {name}" for name in sorted(self._bad_quality)]
+        if self._command_problem:
+            problems.append(self._command_problem)
+        reading = build_reading(self.asset, self._values, problems, read_at=self._value_at)
+        if reading.degraded and not self._degraded_reported:
+            self._degraded_reported = True
+            self._emit("asset_degraded", {"reason": reading.detail})
+        elif not reading.degraded:
+            self._degraded_reported = False
+        return reading
+
+    def set_target_kw(self, target_kw: float | None) -> None:
+        if target_kw is not None:
+            if isinstance(target_kw, bool) or not isinstance(target_kw, (int, float)) or not math.isfinite(target_kw):
+                raise ValueError(f"{self.asset_id}: target_kw must be a finite number of kW or None, got {target_kw!r}")
+            if not self.asset.controllable:
+                self._emit("command_failed", {"target_kw": target_kw, "reason": "asset is not controllable"})
+                return
+            target_kw = float(target_kw)
+        if target_kw == self._target and not self._target_pending and self._command_problem is None \
+                and self._confirmed_target == target_kw:
+            return  # already confirmed by the unit; IEC 104 setpoints stay in force
+        self._target = target_kw
+        self._target_pending = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._watch_liveness(), name=f"iec104-{self.asset_id}-liveness")
+                group.create_task(self._command_loop(), name=f"iec104-{self.asset_id}-commands")
+                await self._connection_loop()
+        finally:
+            client, self._client = self._client, None
+            if client is not None:
+                await asyncio.shield(asyncio.to_thread(client.stop))
+
+    # ------------------------------------------------- c104 thread callbacks
+
+    def _post(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # loop closed while the library was still delivering
+            pass
+
+    def _on_raw(self, connection: c104.Connection, data: bytes) -> None:
+        self._post(self._heard, apdu.parse(data))
+
+    def _on_state(self, connection: c104.Connection, state: c104.ConnectionState) -> None:
+        self._post(self._state_is, state)
+
+    def _point_callback(self, signal: str):
+        def on_receive(point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage) -> c104.ResponseState:
+            quality = point.quality
+            good = quality is None or bool(getattr(quality, "is_good", True))
+            self._post(self._update, signal, _python_value(point), good)
+            return c104.ResponseState.SUCCESS
+
+        return on_receive
+
+    # ------------------------------------------------------ on-loop handlers
+
+    def _heard(self, head: apdu.AsduHead | None) -> None:
+        self._last_heard = time.monotonic()
+        if head is None or head.common_address != self.asset.common_address:
+            return
+        if head.type_id == TYPE_ID_C_IC_NA_1 and head.cot == apdu.COT_ACT_TERM:
+            self._gi_done.set()
+        waiter = self._waiters.get((head.ioa, head.cot))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(not head.negative)
+
+    def _state_is(self, state: c104.ConnectionState) -> None:
+        self._state = state
+        self._state_changed.set()
+
+    def _update(self, signal: str, value: Any, good: bool) -> None:
+        spec = self.points[signal]
+        if isinstance(value, float):
+            value = spec.to_flexedge(value) if math.isfinite(value) else None
+        self._values[signal] = value
+        (self._bad_quality.discard if good else self._bad_quality.add)(signal)
+        self._value_at = time.time()
+
+    # ------------------------------------------------------------ connection
+
+    def _build_client(self) -> None:
+        security = None
+        if self.asset.tls is not None:
+            tls = self.asset.tls
+            security = c104.TransportSecurity(validate=True, only_known=False)
+            security.set_ca_certificate(cert=str(tls.ca_file))
+            security.set_certificate(cert=str(tls.cert_file), key=str(tls.key_file))
+        client = c104.Client(
+            tick_rate_ms=max(50, min(100, int(self.cycle_s * 1000 / 10))),
+            command_timeout_ms=int(self.asset.command_timeout_s * 1000),
+            transport_security=security,
+        )
+        # Init.ALL: on every (re)connect c104 sends STARTDT, a general interrogation and a clock sync.
+        connection = client.add_connection(ip=self.asset.host, port=self.asset.port, init=c104.Init.ALL)
+        connection.on_receive_raw(callable=self._on_raw)
+        connection.on_state_change(callable=self._on_state)
+        station = connection.add_station(common_address=self.asset.common_address)
+        mode = c104.CommandMode.SELECT_AND_EXECUTE if self.asset.command_mode == "select_and_execute" else c104.CommandMode.DIRECT
+        for signal, spec in self.points.items():
+            ptype = getattr(c104.Type, spec.type)
+            if spec.type.startswith("C_"):
+                point = station.add_point(io_address=spec.ioa, type=ptype, command_mode=mode)
+            else:
+                point = station.add_point(io_address=spec.ioa, type=ptype)
+                point.on_receive(callable=self._point_callback(signal))
+            self._remote_points[signal] = point
+        self._client, self._connection = client, connection
+
+    async def _connection_loop(self) -> None:
+        while True:
+            try:
+                if self._client is None:
+                    await asyncio.to_thread(self._build_client)
+                    await asyncio.to_thread(self._client.start)  # starts its thread and connects
+                else:
+                    await asyncio.to_thread(self._connection.connect)
+                await self._await_open()
+                self.backoff.reset()
+                self._set_online(True, "connected and interrogated")
+                if self._target is not None or self._confirmed_target is not None:
+                    self._target_pending = True  # a restarted unit may have lost its setpoint
+                    self._wake.set()
+                await self._serve()
+            except LinkDown as error:
+                self._note_failure(str(error))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a bug must not kill the driver task
+                log.exception("%s: unexpected error", self.asset_id)
+                self._note_failure(f"internal error: {error!r}")
+            if self._connection is not None:
+                # Stop c104's own fixed-interval reconnects: the retry schedule is ours.
+                await asyncio.to_thread(self._connection.disconnect)
+            await asyncio.sleep(self.backoff.next_delay())
+
+    async def _await_open(self) -> None:
+        self._gi_done.clear()
+        self._link_dead = None
+        deadline = time.monotonic() + self.asset.connect_timeout_s
+        unmute_at = time.monotonic() + self.asset.connect_timeout_s / 2
+        while self._state != c104.ConnectionState.OPEN:
+            self._state_changed.clear()
+            if self._state == c104.ConnectionState.OPEN_MUTED and time.monotonic() > unmute_at:
+                # Seen with c104 2.2.1: now and then a fresh connection stays muted (no STARTDT).
+                unmute_at = deadline
+                await asyncio.to_thread(self._connection.unmute)
+            remaining = min(deadline, unmute_at) - time.monotonic()
+            if time.monotonic() >= deadline:
+                raise LinkDown(f"no connection to {self.endpoint} within {self.asset.connect_timeout_s:g} s")
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), max(0.01, remaining))
+            except TimeoutError:
+                pass
+        self._last_heard = time.monotonic()
+        try:
+            await asyncio.wait_for(self._gi_done.wait(), max(0.05, deadline - time.monotonic()))
+        except TimeoutError:
+            # c104's own interrogation did not finish (or was skipped after an unmute): ask again.
+            done = await asyncio.to_thread(self._connection.interrogation, common_address=self.asset.common_address,
+                                           wait_for_response=True)
+            if not done:
+                log.warning("%s: general interrogation not confirmed", self.asset_id)
+
+    async def _serve(self) -> None:
+        while True:
+            if self._state != c104.ConnectionState.OPEN:
+                raise LinkDown(f"connection to {self.endpoint} closed ({self._state.name})")
+            if self._link_dead:
+                raise LinkDown(self._link_dead)
+            self._state_changed.clear()
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), self._check_s)
+            except TimeoutError:
+                pass
+
+    async def _watch_liveness(self) -> None:
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(self._check_s)
+            now = time.monotonic()
+            if self._online:
+                silent_s = now - (self._last_heard or started)
+                if silent_s > self.offline_after_s:
+                    self._link_dead = f"no frame from {self.endpoint} for {silent_s:.2f} s"
+                    self._note_failure(self._link_dead)
+                    self._state_changed.set()
+                elif silent_s > self.probe_after_s and now - self._last_probe > self.probe_after_s:
+                    # A quiet unit is not a dead one: a test command (C_TS_TA_1) draws an answer.
+                    self._last_probe = now
+                    connection = self._connection
+                    await asyncio.to_thread(connection.test, common_address=self.asset.common_address,
+                                            with_time=True, wait_for_response=False)
+            elif self._online is None and now - started > self.offline_after_s:
+                self._set_online(False, self._last_error)
+
+    def _note_failure(self, reason: str) -> None:
+        self._last_error = reason
+        if self._online is not False:
+            log.warning("%s: %s", self.asset_id, reason)
+        self._set_online(False, reason)
+
+    def _set_online(self, online: bool, reason: str) -> None:
+        if online == self._online:
+            return
+        self._online = online
+        if not online:
+            self._values.clear()
+            self._bad_quality.clear()
+            self._fail_waiters()
+        self._emit("asset_online" if online else "asset_offline", {"reason": reason, "endpoint": self.endpoint})
+
+    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
+        try:
+            self.emit_event(kind, self.asset_id, detail)
+        except Exception:
+            log.exception("%s: event sink failed on %s", self.asset_id, kind)
+
+    # -------------------------------------------------------------- commands
+
+    async def _command_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._target_pending or not self._online:
+                continue  # sent once the link is back (the connection loop wakes us)
+            self._target_pending = False
+            target = self._target
+            try:
+                await self._command(target)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.exception("%s: command failed unexpectedly", self.asset_id)
+                self._command_failed(target, None, f"internal error: {error!r}", {})
+
+    async def _command(self, target_kw: float | None) -> None:
+        spec = self.points["p_setpoint"]
+        blocked = blocking_reason(self.asset, self._values)
+        if blocked:
+            self._command_failed(target_kw, None, f"not sent: {blocked}", {"ioa": spec.ioa, "type": spec.type})
+            return
+        # Release (None) means "stop": IEC 104 setpoints stay latched in the unit otherwise.
+        value_kw = 0.0 if target_kw is None else feasible_target_kw(self.asset, target_kw, self._values)
+        raw = spec.to_raw(value_kw)
+        written = {"ioa": spec.ioa, "type": spec.type, "raw": raw, "value_kw": value_kw}
+        try:
+            command_value = _raw_command_value(spec, raw)
+        except ValueError as error:
+            self._command_failed(target_kw, value_kw, str(error), written)
+            return
+        if self._transmit is not None and not self._transmit.done():
+            # A timed-out transmit still holds the point; c104 allows one command in flight.
+            await asyncio.wait({self._transmit}, timeout=self.asset.command_timeout_s)
+        loop = asyncio.get_running_loop()
+        con = self._waiters[(spec.ioa, apdu.COT_ACT_CON)] = loop.create_future()
+        term = self._waiters[(spec.ioa, apdu.COT_ACT_TERM)] = loop.create_future()
+        point = self._remote_points["p_setpoint"]
+        started = time.monotonic()
+        self.commands_sent += 1
+        try:
+            self._transmit = asyncio.ensure_future(asyncio.to_thread(self._send_blocking, point, command_value))
+            try:
+                accepted = await asyncio.wait_for(asyncio.shield(self._transmit), self.asset.command_timeout_s + 0.5)
+            except TimeoutError:
+                accepted = False
+            if accepted and not (con.done() and not con.cancelled() and con.result()):
+                # c104 can take a late ACT_TERM of an earlier command for this one's confirmation:
+                # only a positive ACT_CON frame for this IOA counts.
+                remaining = self.asset.command_timeout_s - (time.monotonic() - started)
+                try:
+                    accepted = bool(await asyncio.wait_for(asyncio.shield(con), max(0.0, remaining)))
+                except (TimeoutError, asyncio.CancelledError):
+                    accepted = False
+            if not accepted and not con.done():
+                # transmit() can return before the raw-frame callback of the same answer reached the loop.
+                remaining = self.asset.command_timeout_s - (time.monotonic() - started)
+                try:
+                    await asyncio.wait_for(asyncio.shield(con), max(0.05, remaining))
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
+            if not accepted:
+                if con.done() and not con.cancelled() and con.result() is False:
+                    reason = "negative ACT_CON (unit refused the setpoint)"
+                elif self._state != c104.ConnectionState.OPEN:
+                    reason = f"link down ({self._state.name})"
+                else:
+                    reason = f"no ACT_CON within {self.asset.command_timeout_s:g} s"
+                self._command_failed(target_kw, value_kw, reason, written)
+                return
+            if self.asset.confirm == "act_term":
+                remaining = self.asset.command_timeout_s - (time.monotonic() - started)
+                try:
+                    positive = await asyncio.wait_for(asyncio.shield(term), max(0.0, remaining))
+                except (TimeoutError, asyncio.CancelledError):
+                    if self._state != c104.ConnectionState.OPEN or term.cancelled():
+                        self._command_failed(target_kw, value_kw, "link lost before ACT_TERM", written)
+                    else:
+                        self._command_failed(target_kw, value_kw, f"no ACT_TERM within {self.asset.command_timeout_s:g} s", written)
+                    return
+                if not positive:
+                    self._command_failed(target_kw, value_kw, "negative ACT_TERM (unit did not execute)", written)
+                    return
+        finally:
+            for key in ((spec.ioa, apdu.COT_ACT_CON), (spec.ioa, apdu.COT_ACT_TERM)):
+                future = self._waiters.pop(key, None)
+                if future is not None and not future.done():
+                    future.cancel()
+        self._confirmed_target = target_kw
+        self.last_command_s = time.monotonic() - started
+        if self._command_problem is not None:
+            self._command_problem = None
+
+    @staticmethod
+    def _send_blocking(point: c104.Point, value) -> bool:
+        point.value = value
+        return point.transmit(cause=c104.Cot.ACTIVATION)
+
+    def _command_failed(self, target_kw, value_kw, reason: str, written: dict[str, Any]) -> None:
+        self.commands_failed += 1
+        self._confirmed_target = None
+        self._command_problem = f"last command failed: {reason}"
+        log.warning("%s: command %s kW failed: %s", self.asset_id, target_kw, reason)
+        self._emit("command_failed", {"target_kw": target_kw, "sent_kw": value_kw, "reason": reason, **written})
+
+    def _fail_waiters(self) -> None:
+        for future in self._waiters.values():
+            if not future.done():
+                future.cancel()

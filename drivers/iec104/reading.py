@@ -1,0 +1,99 @@
+"""Turn the latest point values of a unit into an ``AssetReading`` and feasible commands.
+
+Pure functions, no I/O: ``build_reading`` and ``feasible_target_kw`` are what
+the driver applies; their rules are listed in docs/drivers/iec104.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from edge.asset import AssetReading
+
+
+def blocking_reason(asset, values: dict[str, Any]) -> str | None:
+    """Why the unit cannot take commands now (fault, local mode), or None."""
+    if values.get("fault") is True:
+        return "unit reports a fault"
+    if values.get("remote") is False:
+        return "unit is in local mode"
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: float | None = None) -> AssetReading:
+    """The reading of an online unit; ``problems`` (bad quality, failed command ...) make it degraded."""
+    problems = list(problems)
+    notes: list[str] = []
+    p_kw = _finite(values.get("p_measured"))
+    soc = _finite(values.get("soc"))
+    if asset.kind == "bess":
+        charge_kw = float(asset.max_charge_kw)
+        discharge_kw = float(asset.max_discharge_kw)
+        available = _finite(values.get("p_charge_available"))
+        if available is not None:
+            charge_kw = min(charge_kw, max(0.0, abs(available)))
+        available = _finite(values.get("p_discharge_available"))
+        if available is not None:
+            discharge_kw = min(discharge_kw, max(0.0, abs(available)))
+        if soc is None:
+            problems.append("state of charge unknown")
+            charge_kw = discharge_kw = 0.0
+        else:
+            if soc <= asset.soc_min_pct:
+                discharge_kw = 0.0
+                notes.append(f"SoC {soc:.1f} % at or below soc_min_pct {asset.soc_min_pct:g}: no discharge")
+            if soc >= asset.soc_max_pct:
+                charge_kw = 0.0
+                notes.append(f"SoC {soc:.1f} % at or above soc_max_pct {asset.soc_max_pct:g}: no charge")
+        p_min_kw, p_max_kw = -charge_kw, discharge_kw
+    else:
+        max_load = float(asset.max_load_kw)
+        min_load = _finite(values.get("min_load"))
+        min_load = asset.min_load_kw if min_load is None else min(abs(min_load), max_load)
+        p_min_kw, p_max_kw = -max_load, 0.0
+        temp = _finite(values.get("storage_temp"))
+        if temp is not None and asset.storage_temp_max_c is not None and temp >= asset.storage_temp_max_c:
+            p_min_kw = 0.0
+            notes.append(f"storage {temp:.1f} degC at or above storage_temp_max_c {asset.storage_temp_max_c:g}: no heating")
+        else:
+            # The controller treats [p_min, p_max] as continuous; this unit is off or in [min, max] load.
+            notes.append(f"discrete band: 0 or {-max_load:g}..{-min_load:g} kW")
+        if asset.ramp_kw_per_s:
+            notes.append(f"ramp {asset.ramp_kw_per_s:g} kW/s")
+    if p_kw is None:
+        problems.append("active power unknown")
+    blocked = blocking_reason(asset, values)
+    if blocked:
+        problems.insert(0, blocked)
+        # Not controllable now: the only reachable point is where it is.
+        p_min_kw = p_max_kw = p_kw
+    return AssetReading(
+        online=True,
+        p_kw=p_kw,
+        q_kvar=_finite(values.get("q_measured")),
+        soc_pct=soc,
+        p_min_kw=p_min_kw,
+        p_max_kw=p_max_kw,
+        degraded=bool(problems),
+        detail="; ".join(problems + notes),
+        read_at=read_at if read_at is not None else time.time(),
+    )
+
+
+def feasible_target_kw(asset, target_kw: float, values: dict[str, Any]) -> float:
+    """Clamp a target (+ export) to the ratings; for P2H snap into {0} or [-max, -min]."""
+    if asset.kind == "bess":
+        return min(float(asset.max_discharge_kw), max(-float(asset.max_charge_kw), target_kw))
+    max_load = float(asset.max_load_kw)
+    min_load = _finite(values.get("min_load"))
+    min_load = asset.min_load_kw if min_load is None else min(abs(min_load), max_load)
+    consume = min(max_load, max(0.0, -target_kw))
+    if 0.0 < consume < min_load:
+        consume = min_load if consume >= min_load / 2 else 0.0
+    return -consume
