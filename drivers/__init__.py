@@ -14,6 +14,7 @@ from edge.asset import AssetDriver, EventSink
 DRIVER_MODULES = {
     "sunspec": "drivers.sunspec",
     "iec104": "drivers.iec104",
+    "ocpp": "drivers.ocpp",
 }
 
 

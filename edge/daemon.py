@@ -39,6 +39,10 @@ class Gateway:
         self.outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.dropped_outbox = 0
         self.assets: list[ControlledAsset] = []
+        if any(asset.driver == "ocpp" for asset in profile.assets):
+            from drivers.ocpp import configure_site
+
+            configure_site(profile.ocpp)  # the chargers share the site's one central system
         for asset in profile.assets:
             driver = create_driver(asset, profile.control.cycle_s, self.emit_event)
             self.assets.append(

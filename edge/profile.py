@@ -25,31 +25,21 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.iec104.config import Iec104Asset
+from drivers.ocpp.config import OcppCharger, OcppServer
 from edge.yamlsource import ProfileProblem, YamlDocument, load_yaml
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-def _ranged(lo: float, hi: float):
-    def check(value: float) -> float:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"must be a finite number in {lo:g}..{hi:g}, got {value}")
-        if not lo <= value <= hi:
-            raise ValueError(f"must be {lo:g}..{hi:g}, got {value:g}")
-        return value
-
-    return AfterValidator(check)
-
-
-Port = Annotated[int, _ranged(1, 65535)]
-UnitId = Annotated[int, _ranged(0, 247)]
-PositiveKw = Annotated[float, _ranged(0.0, 1_000_000.0)]
-Percent = Annotated[float, _ranged(0.0, 100.0)]
-Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from edge.profile_types import (  # noqa: F401  (re-exported for callers of edge.profile)
+    ID_PATTERN,
+    AssetBase,
+    Identifier,
+    Percent,
+    Port,
+    PositiveKw,
+    Strict,
+    UnitId,
+    _ranged,
+)
 
 
 # --------------------------------------------------------------------- site
@@ -188,12 +178,6 @@ class Serial(Strict):
     bytesize: Literal[7, 8] = 8
 
 
-class AssetBase(Strict):
-    id: Identifier = Field(description="Asset identifier, unique in the site.")
-    name: str = ""
-    controllable: bool = Field(True, description="Whether the controller may command this asset.")
-
-
 class SunSpecAsset(AssetBase):
     kind: Literal["pv", "bess", "meter"]
     driver: Literal["sunspec"]
@@ -228,12 +212,9 @@ class SunSpecAsset(AssetBase):
         return self
 
 
-# Each driver package defines its own asset model on AssetBase; imported here,
-# after the base classes, because those modules import them from this one.
-from drivers.iec104.config import Iec104Asset  # noqa: E402
-
-Asset = Annotated[Union[SunSpecAsset, Iec104Asset], Field(discriminator="driver")]
-DRIVER_NAMES = "sunspec, iec104"
+# Each driver package defines its own asset model on AssetBase (edge/profile_types.py).
+Asset = Annotated[Union[SunSpecAsset, Iec104Asset, OcppCharger], Field(discriminator="driver")]
+DRIVER_NAMES = "sunspec, iec104, ocpp"
 
 
 # ------------------------------------------------------------------ profile
@@ -248,6 +229,9 @@ class Profile(Strict):
     control: Control = Field(default_factory=Control)
     uplink: Uplink = Field(default_factory=Uplink)
     grid: Grid = Field(default_factory=Grid)
+    ocpp: OcppServer | None = Field(
+        None, description="The site's OCPP central system (one websocket server for all `driver: ocpp` chargers)."
+    )
     assets: list[Asset] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -274,7 +258,7 @@ _MESSAGES = {
 }
 
 
-_DRIVER_TAGS = {"sunspec", "iec104"}
+_DRIVER_TAGS = {"sunspec", "iec104", "ocpp"}
 
 
 def _path_text(loc: tuple[Any, ...]) -> str:

@@ -60,7 +60,7 @@ def test_invalid_profile_stops_run_before_anything_starts(tmp_path):
     assert "site.yaml:2 control.cycle_s: must be 0.2..60, got 0" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["sunspec", "vpp", "broker"])
+@pytest.mark.parametrize("name", ["sunspec", "vpp", "broker", "bess", "p2h", "ocpp"])
 def test_every_simulator_has_a_help(name):
     result = subprocess.run([sys.executable, "-m", f"simulators.{name}", "--help"], capture_output=True, text=True,
                             timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))

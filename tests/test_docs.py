@@ -25,10 +25,11 @@ def test_every_profile_key_is_documented():
     text = (DOCS / "profile.md").read_text()
     documented = set(re.findall(r"^\| `([^`]+)` \|", text, re.M)) | set(re.findall(r"^##+ `([^`]+)`", text, re.M))
     from drivers.iec104.config import Iec104Asset
+    from drivers.ocpp.config import OcppCharger
     from edge.profile import SunSpecAsset
 
     expected = {p for p in _key_paths(Profile) if not p.startswith("assets")}
-    for asset_model in (SunSpecAsset, Iec104Asset):
+    for asset_model in (SunSpecAsset, Iec104Asset, OcppCharger):
         expected |= set(_key_paths(asset_model))
     def covered(path: str) -> bool:
         return path in documented or path.split(".")[-1] in documented or any(d.startswith(path + ".") for d in documented)

@@ -1,0 +1,69 @@
+"""OCPP 1.6J and 2.0.1 driver: a central system for the site's EV chargers.
+
+Public API
+----------
+``create(asset, cycle_s, emit_event) -> OcppChargerDriver``
+    The daemon's per-asset factory (``drivers.create_driver``).  ``asset`` is an
+    ``OcppCharger``.  All chargers of a site share one websocket server
+    (``drivers.ocpp.driver`` explains how); call ``configure_site(server)``
+    with the site's ``OcppServer`` before creating drivers.
+
+``OcppChargerDriver(asset, cycle_s, emit_event, server=None)``
+    ``run()`` serves until cancelled; ``reading()`` gives ``online`` (link up),
+    ``p_kw`` (negative while charging), the EV's ``soc_pct`` when reported,
+    ``p_min_kw`` = minus the charger's rating with an EV plugged in (else 0),
+    ``p_max_kw`` = 0; ``detail`` names the discrete range {0} + [-max, -min].
+    ``set_target_kw(t)``: t <= 0 charges at most |t| kW, t > 0 means 0, None
+    relaxes to the full rating.  Sent as SetChargingProfile when the limit
+    moves beyond ``deadband_kw``; below the minimum current the limit is 0.
+
+``OcppCentralSystem(server_cfg, chargers, emit_event)`` (``drivers.ocpp.central``)
+    The server on its own, e.g. for tools and benchmarks; see its docstring.
+
+``OcppServer``, ``OcppCharger`` (``drivers.ocpp.config``): profile models.
+``limit_for_target``, ``needs_sending`` (``drivers.ocpp.limits``): the limit rules.
+
+Events (type, detail): ``asset_online`` {ocpp_version, remote}, ``asset_offline``
+{reason}, ``ev_connected``, ``ev_disconnected``, ``session_started``
+{transaction_id, id_tag_hash, meter_start_wh}, ``session_stopped``
+{transaction_id, id_tag_hash, energy_kwh, reason}, ``authorization_rejected``
+{id_tag_hash}, ``command_failed`` {limit, unit, reason}, ``asset_degraded``
+{reason}, ``ocpp_auth_failed`` {remote, reason}; site-level (asset None):
+``ocpp_unknown_charge_point`` {charge_point_id, remote}.  Every charger event
+carries ``charge_point_id``.  ID tags never leave the driver: events carry a
+salted HMAC-SHA256 (``id_tag_salt_file``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.asset import EventSink
+
+from drivers.ocpp.config import OcppCharger, OcppServer
+from drivers.ocpp.limits import ChargeLimit, limit_for_target, needs_sending
+
+__all__ = [
+    "ChargeLimit", "OcppCentralSystem", "OcppCharger", "OcppChargerDriver", "OcppServer",
+    "configure_site", "create", "limit_for_target", "needs_sending", "site_server",
+]
+
+# The server and driver modules (ocpp, websockets) are imported on first use:
+# the profile loads this package for its models, and `flexedge check` has no
+# business loading the OCPP stack.
+_LAZY = {"OcppCentralSystem": "drivers.ocpp.central", "OcppChargerDriver": "drivers.ocpp.driver",
+         "configure_site": "drivers.ocpp.driver", "site_server": "drivers.ocpp.driver"}
+
+
+def create(asset: OcppCharger, cycle_s: float, emit_event: EventSink) -> Any:
+    from drivers.ocpp.driver import OcppChargerDriver
+
+    return OcppChargerDriver(asset, cycle_s, emit_event)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'drivers.ocpp' has no attribute {name!r}")

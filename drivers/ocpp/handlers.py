@@ -1,0 +1,188 @@
+"""Central-system side of one websocket: OCPP 1.6J and 2.0.1 message handlers.
+
+``CentralPoint16`` and ``CentralPoint201`` are the ocpp library's
+``ChargePoint`` classes with handlers that answer the charger and feed its
+``ChargerSession``.  Handlers never ``call()`` the charger themselves (the
+library routes responses through the same receive loop, so a CALL awaited
+inside a handler would deadlock); commands go out from the connection's
+command task (``drivers.ocpp.central``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from ocpp.routing import on
+from ocpp.v16 import ChargePoint as _ChargePoint16
+from ocpp.v16 import call_result as result16
+from ocpp.v201 import ChargePoint as _ChargePoint201
+from ocpp.v201 import call_result as result201
+
+from drivers.ocpp.meter import decode_meter_values
+from drivers.ocpp.session import ChargerSession
+
+log = logging.getLogger("flexedge.drivers.ocpp")
+# The ocpp library logs every frame at INFO, ID tags included (personal data).
+# Frames go to their own logger, quiet unless someone asks for it explicitly.
+wire_log = logging.getLogger("flexedge.drivers.ocpp.wire")
+if wire_log.level == logging.NOTSET:
+    wire_log.setLevel(logging.WARNING)
+
+# 1.6 transaction ids are chosen by the central system (int32).  Seeding from the
+# clock keeps ids of a restarted gateway away from those still running.
+_transaction_ids = itertools.count(int(time.time() * 10) % 2**30 + 1)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _wh(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+Authorizer = Callable[[str], bool]
+
+
+class CentralPoint16(_ChargePoint16):
+    def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
+                 heartbeat_s: int, response_timeout_s: float):
+        super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
+        self.session = session
+        self.authorize_tag = authorize
+        self.heartbeat_s = heartbeat_s
+
+    def _ours(self, connector_id: int) -> bool:
+        wanted = self.session.charger.connector_id
+        return wanted == 0 and connector_id != 0 or int(connector_id) == wanted
+
+    def _tag_info(self, id_tag: str) -> dict[str, str]:
+        if self.authorize_tag(id_tag):
+            return {"status": "Accepted"}
+        self.session.emit("authorization_rejected", {"id_tag_hash": self.session.hash_tag(id_tag)})
+        return {"status": "Invalid"}
+
+    @on("BootNotification")
+    def on_boot(self, charge_point_vendor: str, charge_point_model: str, **extra):
+        self.session.on_boot({"vendor": charge_point_vendor, "model": charge_point_model,
+                              "firmware": extra.get("firmware_version")})
+        return result16.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status="Accepted")
+
+    @on("Heartbeat")
+    def on_heartbeat(self):
+        return result16.Heartbeat(current_time=now_iso())
+
+    @on("StatusNotification")
+    def on_status(self, connector_id: int, error_code: str, status: str, **extra):
+        if self._ours(connector_id):
+            self.session.on_status(status)
+        return result16.StatusNotification()
+
+    @on("Authorize")
+    def on_authorize(self, id_tag: str):
+        return result16.Authorize(id_tag_info=self._tag_info(id_tag))
+
+    @on("StartTransaction")
+    def on_start(self, connector_id: int, id_tag: str, meter_start: int, timestamp: str, **extra):
+        transaction_id = next(_transaction_ids)
+        info = self._tag_info(id_tag)
+        if info["status"] == "Accepted" and self._ours(connector_id):
+            self.session.on_transaction_started(str(transaction_id), id_tag, _wh(meter_start))
+        return result16.StartTransaction(transaction_id=transaction_id, id_tag_info=info)
+
+    @on("StopTransaction")
+    def on_stop(self, meter_stop: int, timestamp: str, transaction_id: int, **extra):
+        if extra.get("transaction_data"):
+            self.session.on_meter(decode_meter_values(extra["transaction_data"]))
+        self.session.on_transaction_stopped(str(transaction_id), _wh(meter_stop), extra.get("reason"))
+        return result16.StopTransaction()
+
+    @on("MeterValues")
+    def on_meter_values(self, connector_id: int, meter_value: list, **extra):
+        if self._ours(connector_id):
+            if extra.get("transaction_id") is not None:
+                self.session.on_transaction_seen(str(extra["transaction_id"]))
+            self.session.on_meter(decode_meter_values(meter_value))
+        return result16.MeterValues()
+
+    @on("DataTransfer")
+    def on_data_transfer(self, vendor_id: str, **extra):
+        log.info("%s: DataTransfer from vendor %s, message %s (%d chars of data)", self.id, vendor_id,
+                 extra.get("message_id"), len(str(extra.get("data") or "")))
+        return result16.DataTransfer(status="UnknownVendorId")
+
+
+class CentralPoint201(_ChargePoint201):
+    def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
+                 heartbeat_s: int, response_timeout_s: float):
+        super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
+        self.session = session
+        self.authorize_tag = authorize
+        self.heartbeat_s = heartbeat_s
+
+    def _token_info(self, id_token: dict[str, Any] | None) -> dict[str, str]:
+        tag = (id_token or {}).get("id_token", "")
+        if self.authorize_tag(tag):
+            return {"status": "Accepted"}
+        self.session.emit("authorization_rejected", {"id_tag_hash": self.session.hash_tag(tag)})
+        return {"status": "Invalid"}
+
+    @on("BootNotification")
+    def on_boot(self, charging_station: dict, reason: str, **extra):
+        self.session.on_boot({"vendor": charging_station.get("vendor_name"), "model": charging_station.get("model"),
+                              "firmware": charging_station.get("firmware_version"), "reason": reason})
+        return result201.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status="Accepted")
+
+    @on("Heartbeat")
+    def on_heartbeat(self, **extra):
+        return result201.Heartbeat(current_time=now_iso())
+
+    @on("StatusNotification")
+    def on_status(self, timestamp: str, connector_status: str, evse_id: int, connector_id: int, **extra):
+        if evse_id == self.session.charger.evse_id:
+            self.session.on_status(connector_status)
+        return result201.StatusNotification()
+
+    @on("Authorize")
+    def on_authorize(self, id_token: dict, **extra):
+        return result201.Authorize(id_token_info=self._token_info(id_token))
+
+    @on("TransactionEvent")
+    def on_transaction_event(self, event_type: str, timestamp: str, trigger_reason: str, seq_no: int,
+                             transaction_info: dict, **extra):
+        evse = extra.get("evse") or {}
+        if evse and evse.get("id") != self.session.charger.evse_id:
+            return result201.TransactionEvent()
+        session = self.session
+        transaction_id = transaction_info["transaction_id"]
+        sample = decode_meter_values(extra.get("meter_value") or [])
+        id_token = extra.get("id_token")
+        response = result201.TransactionEvent()
+        if id_token is not None:
+            response = result201.TransactionEvent(id_token_info=self._token_info(id_token))
+        tag = id_token.get("id_token") if id_token and response.id_token_info["status"] == "Accepted" else None
+        if event_type == "Ended":
+            session.on_meter(sample)
+            session.on_transaction_stopped(transaction_id, sample.energy_wh, transaction_info.get("stopped_reason"))
+        else:
+            session.on_transaction_started(transaction_id, tag, sample.energy_wh)
+            session.on_meter(sample)
+        return response
+
+    @on("MeterValues")
+    def on_meter_values(self, evse_id: int, meter_value: list, **extra):
+        if evse_id == self.session.charger.evse_id:
+            self.session.on_meter(decode_meter_values(meter_value))
+        return result201.MeterValues()
+
+    @on("DataTransfer")
+    def on_data_transfer(self, vendor_id: str, **extra):
+        log.info("%s: DataTransfer from vendor %s, message %s", self.id, vendor_id, extra.get("message_id"))
+        return result201.DataTransfer(status="UnknownVendorId")

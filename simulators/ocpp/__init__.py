@@ -1,0 +1,105 @@
+"""Simulated OCPP charge points (1.6J and 2.0.1) with EVs, for tests and benchmarks.
+
+Many stations per process, each its own websocket client of a central system,
+with an EV that arrives (``plug_in``) and leaves (``unplug``), charges at
+min(profile limit, EV max power, station rating), and reports MeterValues
+(power, energy register, current, SoC) every ``meter_interval_s``.  Every
+SetChargingProfile received is recorded (``station.profiles``).
+
+Quick start (on the caller's event loop)::
+
+    from simulators.ocpp import EvSpec, OcppSimulator, StationSpec
+
+    specs = [StationSpec("CP1", ocpp_version="2.0.1", password="secret")]
+    async with OcppSimulator("ws://127.0.0.1:9000/ocpp", specs) as sim:
+        cp = sim.stations[0]
+        await cp.wait_connected(timeout_s=3)
+        await cp.plug_in(EvSpec(id_tag="04A1B2C3", max_power_kw=11))
+        record = await cp.next_profile(timeout_s=2)   # a ProfileRecord
+        print(record.purpose, record.limit, record.unit, cp.power_w)
+        await cp.unplug()
+
+CLI: ``python -m simulators.ocpp --help``, e.g.
+``python -m simulators.ocpp --url ws://127.0.0.1:9000/ocpp --count 10 --version 1.6 --ev``.
+
+API
+---
+``OcppSimulator(base_url, specs, *, ca_file=None, cert_file=None, key_file=None, ssl_context=None)``
+    Async context manager; starts one task per station (station URL =
+    ``base_url/<charge_point_id>``).  ``wss://`` URLs use TLS, verified against
+    ``ca_file`` (security profile 2); ``cert_file``/``key_file`` add a client
+    certificate (profile 3).  ``stations`` (list), ``station(cp_id)``.
+``StationSpec(charge_point_id, ocpp_version="1.6", password=None, max_current_a=32,
+phases=3, voltage_v=230, meter_interval_s=1.0, tick_s=0.1, accept_profiles=True,
+connector_id=1, evse_id=1, reconnect_cap_s=2.0)``; invalid values raise ValueError.
+``EvSpec(id_tag="SIMTAG01", capacity_kwh=40, soc_pct=30, max_power_kw=11, target_soc_pct=100)``.
+``Station``: ``plug_in(ev) -> bool`` (Authorize, then StartTransaction (1.6) or
+TransactionEvent Started (2.0.1); False when the tag is refused), ``unplug()``,
+``drop_link()`` (abort the TCP connection; the station reconnects with backoff),
+``next_profile(timeout_s, after=None) -> ProfileRecord``, ``wait_connected(timeout_s)``,
+attributes ``accept_profiles`` (False: answer Rejected), ``profiles``, ``limits``,
+``limit_w()``, ``power_w``, ``energy_wh``, ``status``, ``transaction_id``,
+``connected`` (asyncio.Event), ``connections`` (count), ``connect_errors``
+(e.g. "HTTP 401").
+``ProfileRecord``: ``received_at``, ``received_mono``, ``purpose``, ``limit``, ``unit``,
+``number_phases``, ``stack_level``, ``target_id`` (1.6 connector / 2.0.1 EVSE),
+``transaction_id``, ``accepted``, ``raw``.
+
+A station sends BootNotification once per run (not after a reconnection), a
+StatusNotification after each connection and when asked by TriggerMessage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+from simulators.ocpp.station import EvSpec, ProfileRecord, Station, StationSpec
+
+__all__ = ["EvSpec", "OcppSimulator", "ProfileRecord", "Station", "StationSpec", "client_ssl_context"]
+
+
+def client_ssl_context(ca_file: str | Path | None, cert_file: str | Path | None = None,
+                       key_file: str | Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
+    if cert_file:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return context
+
+
+class OcppSimulator:
+    def __init__(self, base_url: str, specs: list[StationSpec], *, ca_file=None, cert_file=None, key_file=None,
+                 ssl_context: ssl.SSLContext | None = None):
+        if not base_url.startswith(("ws://", "wss://")):
+            raise ValueError(f"base_url must start with ws:// or wss://, got {base_url!r}")
+        ids = [s.charge_point_id for s in specs]
+        if len(set(ids)) != len(ids):
+            raise ValueError("charge_point_id values must be unique")
+        if ssl_context is None and base_url.startswith("wss://"):
+            ssl_context = client_ssl_context(ca_file, cert_file, key_file)
+        base = base_url.rstrip("/")
+        self.stations = [Station(spec, f"{base}/{spec.charge_point_id}", ssl_context) for spec in specs]
+        self._tasks: list[asyncio.Task] = []
+
+    def station(self, charge_point_id: str) -> Station:
+        for station in self.stations:
+            if station.spec.charge_point_id == charge_point_id:
+                return station
+        raise KeyError(charge_point_id)
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(s.run(), name=f"ocpp-sim-{s.spec.charge_point_id}") for s in self.stations]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def __aenter__(self) -> "OcppSimulator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
