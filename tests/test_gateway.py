@@ -308,7 +308,8 @@ async def test_grid_operator_orders_win_over_the_vpp_at_once(tmp_path, mosquitto
             gateway.controller.apply_grid_orders(GridOrders(export_limit_kw=12.0, source="deie"))
             # enforced at once, not at the next cycle: the writes follow within milliseconds
             await bess.next_write("WSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
-            await until(lambda: pv.power_kw + bess.power_kw <= 12.0 + 0.1, 1.0, "site capped by the order")
+            # the devices then ramp (the battery from +8 to -1.5 kW at 10 kW/s: about 1 s)
+            await until(lambda: pv.power_kw + bess.power_kw <= 12.0 + 0.1, 2.0, "site capped by the order")
             message = await until(lambda: vpp.telemetry[-1]["grid_orders"]["export_limit_kw"] == 12.0 and vpp.telemetry[-1],
                                   3, "order in telemetry")
             assert message["site"]["activation_requested_kw"] == 8.0 and message["site"]["limited_by"] == "export_limit"
