@@ -82,6 +82,7 @@ class Controller:
         self.on_cycle = on_cycle or (lambda: None)
         self.state = ControlState()
         self.grid_orders: GridOrders = NO_ORDERS
+        self.last_telemetry: dict[str, Any] | None = None
         self.validator = SetpointValidator(profile.control)
         self._meter = next((a for a in assets if a.connection_point), None)
 
@@ -149,7 +150,8 @@ class Controller:
                 log.warning("control cycle %.0f ms late: %d cycle(s) skipped", lateness_s * 1000, missed)
             now = time.time()
             self.step(now)
-            self.publish("telemetry", self.telemetry(now))
+            self.last_telemetry = self.telemetry(now)
+            self.publish("telemetry", self.last_telemetry)
             self.stats.record(duration_s=time.monotonic() - started, lateness_s=lateness_s)
             self.on_cycle()
 

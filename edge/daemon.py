@@ -57,6 +57,7 @@ class Gateway:
             )
         self.uplink: Uplink | None = None
         self.controller: Controller | None = None
+        self.deie = None  # edge.deie.DeieLink when the profile has grid.deie
 
     # ------------------------------------------------------------- events
 
@@ -96,13 +97,18 @@ class Gateway:
         self.uplink = Uplink(profile, spool, self._on_setpoint, birth, self.emit_event)
         self.controller = Controller(
             profile, self.assets, self._enqueue, self._publish_live, self.emit_event, self.stats,
-            on_cycle=self.notifier.watchdog,
+            on_cycle=self._after_cycle,
         )
         tasks = [
             asyncio.create_task(self.uplink.run(), name="uplink"),
             asyncio.create_task(self._publisher(), name="publisher"),
             asyncio.create_task(self.stats.loop_lag.run(), name="loop-lag"),
         ]
+        if profile.grid.deie is not None:
+            from edge.deie import DeieLink
+
+            self.deie = DeieLink(profile.grid.deie, self.controller.apply_grid_orders, self.emit_event)
+            tasks.append(asyncio.create_task(self._supervise("deie", self.deie.run), name="deie"))
         driver_tasks = [
             asyncio.create_task(self._supervise(f"driver {a.id}", a.driver.run), name=f"driver-{a.id}")
             for a in self.assets
@@ -141,6 +147,21 @@ class Gateway:
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(spool.close)
             log.info("stopped")
+
+    def _after_cycle(self) -> None:
+        self.notifier.watchdog()
+        if self.deie is not None and self.controller is not None and self.controller.last_telemetry:
+            site = self.controller.last_telemetry["site"]
+            self.deie.report(site["p_kw"], site["q_kvar"], self._site_voltage_v())
+
+    def _site_voltage_v(self) -> float | None:
+        """The connection-point meter's voltage, else the first asset that measures one."""
+        ordered = sorted(self.assets, key=lambda a: not a.connection_point)
+        for asset in ordered:
+            reading = asset.driver.reading()
+            if reading.online and reading.voltage_v is not None:
+                return reading.voltage_v
+        return None
 
     async def _publisher(self) -> None:
         assert self.uplink is not None

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from drivers.iec104.config import Iec104Asset
+from edge.deie_config import DeieConfig
 from drivers.ocpp.config import OcppCharger, OcppServer
 from edge.yamlsource import ProfileProblem, YamlDocument, load_yaml
 
@@ -164,6 +165,9 @@ class Grid(Strict):
     )
     import_limit_kw: PositiveKw | None = Field(
         None, description="Maximum import at the connection point; never exceeded by a command."
+    )
+    deie: DeieConfig | None = Field(
+        None, description="The grid operator's DEIE telecontrol link (IEC 104); its orders always win."
     )
 
 

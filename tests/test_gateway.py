@@ -322,3 +322,44 @@ async def test_grid_operator_orders_win_over_the_vpp_at_once(tmp_path, mosquitto
 
             gateway.controller.apply_grid_orders(NO_ORDERS)  # lifted: the VPP's activation again
             await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "activation back")
+
+
+async def test_deie_orders_over_iec104_cap_the_site_and_lift(tmp_path, mosquitto):
+    """The grid operator's side (simulators.deie) sends real IEC 104 orders to the running gateway."""
+    from simulators.deie import Confirmation, DeieOperator
+
+    from conftest import free_port
+
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=16.0), DeviceSpec(kind="storage", rated_kw=10.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        deie_port = free_port()
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=1.0)
+        grid = {"deie": {"host": "127.0.0.1", "port": deie_port, "installed_kw": 30.0}}
+        profile = Profile.model_validate({**profile.model_dump(mode="json"), "grid": grid})
+        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "assets online")
+            await until(lambda: gateway.deie is not None and gateway.deie.serving, 5, "DEIE server listening")
+            sent = await vpp.send_setpoint(8.0, valid_s=60)
+            await vpp.wait_ack(sent["id"])
+            await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "VPP activation delivered")
+            async with DeieOperator("127.0.0.1", deie_port) as operator:
+                ordered_at = time.monotonic()
+                assert await operator.send_limit_kw(12.0) == Confirmation.POSITIVE
+                # enforced within the cycle: the devices get their commands at once, then ramp
+                await bess.next_write("WSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+                await until(lambda: pv.power_kw + bess.power_kw <= 12.1, 2.5, "site capped by the DEIE")
+                # the operator sees the site's power reported back
+                await operator.wait_measurement("p_measured", lambda v: v is not None and v <= 12.5, timeout_s=15)
+                assert await operator.send_limit_kw(float("nan")) == Confirmation.NEGATIVE
+                assert gateway.controller.grid_orders.export_limit_kw == 12.0  # invalid order changed nothing
+                assert await operator.send_disconnect() == Confirmation.POSITIVE
+                await until(lambda: pv.power_kw < 0.1 and bess.power_kw <= 0.01, 2.5, "nothing produces")
+                assert await operator.send_reconnect() == Confirmation.POSITIVE
+                assert await operator.send_limit(None) == Confirmation.POSITIVE  # lift the limit
+                await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "VPP activation back")
+            # link lost: the last orders (none now) stay; an event says the link went down
+            await until(lambda: any(e["type"] == "deie_link" and e["detail"].get("up") is False for e in vpp.events),
+                        5, "link-down event")
+            types = {e["type"] for e in vpp.events}
+            assert {"grid_order_received", "grid_order_rejected", "grid_order_applied"} <= types
