@@ -11,13 +11,13 @@ run in worker threads via ``asyncio.to_thread``.
 import asyncio
 import logging
 import math
-import random
 import time
 from typing import Any
 
 import c104
 
 from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
 
 from drivers.iec104 import apdu
 from drivers.iec104.config import Iec104Asset, PointSpec
@@ -26,21 +26,6 @@ from drivers.iec104.reading import blocking_reason, build_reading, feasible_targ
 log = logging.getLogger("flexedge.drivers.iec104")
 
 TYPE_ID_C_IC_NA_1 = 100
-
-class Backoff:
-    """Capped exponential backoff with equal jitter."""
-
-    def __init__(self, first_s: float = 0.1, cap_s: float = 30.0, rng=random.random):
-        self.first_s, self.cap_s, self.rng = first_s, cap_s, rng
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap_s, self.first_s * 2 ** min(self.attempt, 30))
-        self.attempt += 1
-        return ceiling / 2 + self.rng() * ceiling / 2
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 class LinkDown(Exception):
     """The connection to the unit is not usable; the message says why."""

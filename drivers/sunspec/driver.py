@@ -16,6 +16,7 @@ import zlib
 from typing import Any
 
 from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
 
 from drivers.sunspec.codec import ModelBlock, ModelLayout, layout_for
 from drivers.sunspec.control import CommandError, build_writes, choose_path
@@ -49,22 +50,6 @@ REFRESH_MAX_S = 60.0  # a command in force is written again at least this often
 
 class MapChanged(Exception):
     """The device's model map no longer matches what discovery found."""
-
-
-class Backoff:
-    """Capped exponential backoff with equal jitter: first retries quick, then at most ``cap_s``."""
-
-    def __init__(self, first_s: float = 0.1, cap_s: float = 30.0, rng=random.random):
-        self.first_s, self.cap_s, self.rng = first_s, cap_s, rng
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap_s, self.first_s * 2 ** min(self.attempt, 30))
-        self.attempt += 1
-        return ceiling / 2 + self.rng() * ceiling / 2
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def poll_phase(asset_id: str) -> float:
