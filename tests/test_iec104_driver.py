@@ -17,13 +17,15 @@ CYCLE_S = 0.5
 def bess_asset(unit, **extra) -> Iec104Asset:
     return Iec104Asset(id=extra.pop("id", "bess1"), kind="bess", driver="iec104", host="127.0.0.1", port=unit.port,
                        common_address=unit.common_address, template="bess-generic",
-                       max_charge_kw=100, max_discharge_kw=100, command_timeout_s=0.5, connect_timeout_s=1.0, **extra)
+                       max_charge_kw=100, max_discharge_kw=100, command_timeout_s=extra.pop("command_timeout_s", 2.0),
+                       connect_timeout_s=1.0, **extra)
 
 
 def p2h_asset(unit, template="electric-boiler", **extra) -> Iec104Asset:
     return Iec104Asset(id="p2h1", kind="p2h", driver="iec104", host="127.0.0.1", port=unit.port,
                        common_address=unit.common_address, template=template, min_load_kw=50, max_load_kw=500,
-                       storage_temp_max_c=95, command_timeout_s=0.5, connect_timeout_s=1.0, **extra)
+                       storage_temp_max_c=95, command_timeout_s=extra.pop("command_timeout_s", 2.0),
+                       connect_timeout_s=1.0, **extra)
 
 
 class Running:
@@ -77,7 +79,7 @@ async def test_bess_soc_limits_shrink_band():
 async def test_negative_confirmation_and_timeout_degrade():
     async with BessSimulator([BessSpec()]) as sim:
         unit = sim.units[0]
-        async with Running(bess_asset(unit)) as run:
+        async with Running(bess_asset(unit, command_timeout_s=0.5)) as run:
             await run.until(lambda r: r.online and r.soc_pct is not None)
             unit.reply = "negative"
             run.driver.set_target_kw(10.0)

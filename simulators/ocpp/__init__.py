@@ -52,12 +52,15 @@ StatusNotification after each connection and when asked by TriggerMessage.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 
 from simulators.ocpp.station import EvSpec, ProfileRecord, Station, StationSpec
 
 __all__ = ["EvSpec", "OcppSimulator", "ProfileRecord", "Station", "StationSpec", "client_ssl_context"]
+
+log = logging.getLogger("simulators.ocpp")
 
 
 def client_ssl_context(ca_file: str | Path | None, cert_file: str | Path | None = None,
@@ -91,10 +94,20 @@ class OcppSimulator:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(s.run(), name=f"ocpp-sim-{s.spec.charge_point_id}") for s in self.stations]
 
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        # Cancel again while a task lingers: on Python 3.11 a cancellation that
+        # arrives together with a result (websockets and ocpp use wait_for) can
+        # be swallowed, and a plain gather would then wait forever.
+        pending = set(self._tasks)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while pending:
+            for task in pending:
+                task.cancel()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                log.warning("%d station task(s) did not stop within %.1f s", len(pending), timeout_s)
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(0.5, remaining))
         self._tasks = []
 
     async def __aenter__(self) -> "OcppSimulator":
