@@ -13,6 +13,16 @@ where ``uncontrolled_kw`` is what the controller cannot command: with a
 connection-point meter, the meter reading minus the controllable assets'
 measured power (so uncontrolled load counts); without one, the power of the
 non-controllable assets.  Signs: + export; activation + upward.
+
+Discontinuous ranges.  An EV charger or a P2H unit is off (0 kW) or between
+its minimum and maximum load, never in between: its band has a gap, an open
+interval of powers it cannot run at.  The pro-rata shares are computed as if
+the band were continuous; then each asset whose share falls in its gap is put
+at one end of it, choosing the ends so that the running rounding error stays
+within what the continuous assets can absorb (error diffusion), and the
+continuous assets take up the remainder.  If that cannot hold a grid limit,
+gapped assets are switched to the side that helps, one at a time.  What is
+still missing is reported (``limited_by = "discrete_band"``).
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ class AssetBand:
     baseline_kw: float  # the power without activation
     p_min_kw: float  # lowest power it can be commanded to now (+ export)
     p_max_kw: float  # highest
+    # Open interval (low, high) of powers inside [p_min, p_max] that the asset
+    # cannot run at: (-min_load, 0) for a charger or P2H unit.  None: continuous.
+    gap_kw: tuple[float, float] | None = None
 
     @property
     def up_kw(self) -> float:
@@ -37,6 +50,16 @@ class AssetBand:
     @property
     def down_kw(self) -> float:
         return max(0.0, self.baseline_kw - self.p_min_kw)
+
+    def in_gap(self, power_kw: float) -> bool:
+        return self.gap_kw is not None and self.gap_kw[0] + EPSILON_KW < power_kw < self.gap_kw[1] - EPSILON_KW
+
+    def segment(self, power_kw: float) -> tuple[float, float]:
+        """The continuous part of the band that ``power_kw`` (not in the gap) lies in."""
+        if self.gap_kw is None:
+            return self.p_min_kw, self.p_max_kw
+        low, high = self.gap_kw
+        return (self.p_min_kw, low) if power_kw <= low + EPSILON_KW else (high, self.p_max_kw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +70,7 @@ class Allocation:
     band_up_kw: float
     band_down_kw: float
     # Why the commanded activation differs from the request, if it does:
-    # "export_limit", "import_limit", "band", or None.
+    # "export_limit", "import_limit", "band", "discrete_band", or None.
     limited_by: str | None = None
     # The grid limits cannot be held even with the whole band (kW over the limit).
     limit_violation_kw: float = 0.0
@@ -56,9 +79,24 @@ class Allocation:
 
 
 def _clamp_band(asset: AssetBand) -> AssetBand:
-    """A baseline outside [p_min, p_max] (the device moved) is pulled inside."""
-    baseline = min(max(asset.baseline_kw, asset.p_min_kw), asset.p_max_kw)
-    return AssetBand(asset.asset_id, baseline, asset.p_min_kw, asset.p_max_kw)
+    """Pull a baseline outside [p_min, p_max] (the device moved) inside; fit the gap to the band.
+
+    A gap that leaves only one side of the band removes the other side: a
+    charger whose EV takes less than the minimum current can only be off.
+    """
+    p_min, p_max = asset.p_min_kw, asset.p_max_kw
+    gap = asset.gap_kw
+    if gap is not None:
+        low, high = gap
+        has_lower, has_upper = p_min <= low + EPSILON_KW, high <= p_max + EPSILON_KW
+        if high - low <= EPSILON_KW or not (has_lower or has_upper):
+            gap = None  # no gap, or the whole band in it: nothing better to do than ignore it
+        elif not has_lower:
+            p_min, gap = max(p_min, high), None
+        elif not has_upper:
+            p_max, gap = min(p_max, low), None
+    baseline = min(max(asset.baseline_kw, p_min), p_max)
+    return AssetBand(asset.asset_id, baseline, p_min, p_max, gap)
 
 
 def allocate(
@@ -88,8 +126,6 @@ def allocate(
         activation, limited_by = up_total, limited_by or "band"
     if activation < -down_total:
         activation, limited_by = -down_total, limited_by or "band"
-    if limited_by and abs(activation - requested_kw) <= 1e-6:
-        limited_by = None
 
     targets: dict[str, float] = {}
     for asset in bands:
@@ -101,13 +137,17 @@ def allocate(
             share = 0.0
         targets[asset.asset_id] = min(max(asset.baseline_kw + share, asset.p_min_kw), asset.p_max_kw)
 
+    if any(band.in_gap(targets[band.asset_id]) for band in bands):
+        _round_out_of_gaps(bands, targets)
+        _absorb(bands, targets, activation - _delivered(bands, targets))
+        _hold_grid_limits(bands, targets, uncontrolled_kw, export_limit_kw, import_limit_kw, activation)
+
+    delivered = _delivered(bands, targets)
+    if abs(delivered - activation) > 1e-6 and limited_by is None:
+        limited_by = "discrete_band"
+    if limited_by and abs(delivered - requested_kw) <= 1e-6:
+        limited_by = None
     site_kw = uncontrolled_kw + sum(targets.values())
-    violation = 0.0
-    if export_limit_kw is not None and site_kw > export_limit_kw + 1e-6:
-        violation = site_kw - export_limit_kw
-    if import_limit_kw is not None and -site_kw > import_limit_kw + 1e-6:
-        violation = -site_kw - import_limit_kw
-    delivered = sum(targets[a.asset_id] - a.baseline_kw for a in bands)
     return Allocation(
         targets_kw=targets,
         requested_kw=requested_kw,
@@ -115,6 +155,124 @@ def allocate(
         band_up_kw=up_total,
         band_down_kw=down_total,
         limited_by=limited_by,
-        limit_violation_kw=violation,
+        limit_violation_kw=_violation_kw(site_kw, export_limit_kw, import_limit_kw),
         site_kw=site_kw,
     )
+
+
+def _delivered(bands: list[AssetBand], targets: dict[str, float]) -> float:
+    return sum(targets[b.asset_id] - b.baseline_kw for b in bands)
+
+
+def _violation_kw(site_kw: float, export_limit_kw: float | None, import_limit_kw: float | None) -> float:
+    if export_limit_kw is not None and site_kw > export_limit_kw + 1e-6:
+        return site_kw - export_limit_kw
+    if import_limit_kw is not None and -site_kw > import_limit_kw + 1e-6:
+        return -site_kw - import_limit_kw
+    return 0.0
+
+
+def _room(bands: list[AssetBand], targets: dict[str, float]) -> tuple[float, float]:
+    """How far the targets can move up and down without leaving a segment."""
+    up = down = 0.0
+    for band in bands:
+        target = targets[band.asset_id]
+        low, high = band.segment(target)
+        up += max(0.0, high - target)
+        down += max(0.0, target - low)
+    return up, down
+
+
+def _round_out_of_gaps(bands: list[AssetBand], targets: dict[str, float]) -> None:
+    """Put every target that lies in its gap at one end of the gap (error diffusion).
+
+    ``error`` is what the rounded targets deliver beyond the continuous shares;
+    the assets outside their gaps can absorb it while it stays within
+    [-room_up, room_down].  Each asset takes the end that keeps the error in
+    that window, or nearest to it, and otherwise nearest to zero.  When the
+    window is at least as wide as the widest gap the error never leaves it.
+    """
+    in_gap = [b for b in bands if b.in_gap(targets[b.asset_id])]
+    outside = [b for b in bands if not b.in_gap(targets[b.asset_id])]
+    room_up, room_down = _room(outside, targets)
+    error = 0.0
+    # Widest gaps first: the narrow ones then correct what the wide ones left.
+    for band in sorted(in_gap, key=lambda b: (b.gap_kw[0] - b.gap_kw[1], b.asset_id)):
+        target = targets[band.asset_id]
+        low, high = band.gap_kw
+        options = (error + (high - target), error + (low - target))
+
+        def cost(candidate: float) -> tuple[float, float]:
+            outside_window = max(0.0, -room_up - candidate, candidate - room_down)
+            return outside_window, abs(candidate)
+
+        chosen = min(options, key=cost)
+        targets[band.asset_id] = high if chosen == options[0] else low
+        error = chosen
+
+
+def _absorb(bands: list[AssetBand], targets: dict[str, float], residual_kw: float) -> float:
+    """Move targets within their segments to deliver ``residual_kw`` more; returns what is left."""
+    if abs(residual_kw) <= EPSILON_KW:
+        return 0.0
+    rooms = {}
+    for band in bands:
+        target = targets[band.asset_id]
+        low, high = band.segment(target)
+        rooms[band.asset_id] = max(0.0, high - target) if residual_kw > 0 else max(0.0, target - low)
+    total = sum(rooms.values())
+    if total <= EPSILON_KW:
+        return residual_kw
+    moved = min(abs(residual_kw), total)
+    for band in bands:
+        share = moved * rooms[band.asset_id] / total
+        targets[band.asset_id] += share if residual_kw > 0 else -share
+    return residual_kw - math.copysign(moved, residual_kw)
+
+
+def _hold_grid_limits(
+    bands: list[AssetBand],
+    targets: dict[str, float],
+    uncontrolled_kw: float,
+    export_limit_kw: float | None,
+    import_limit_kw: float | None,
+    activation_kw: float,
+) -> None:
+    """Switch gapped assets across their gap while that brings the site closer to its limits.
+
+    A switch moves one asset to the end of its gap on the limit's safe side;
+    the assets then move back, within their segments, toward the activation
+    asked for (which lies within the limits).  A switch is kept only if it
+    lessens the excess, so this ends, and a narrow window between the two
+    limits cannot make it swing.
+    """
+    def excess_kw() -> float:
+        return _violation_kw(uncontrolled_kw + sum(targets.values()), export_limit_kw, import_limit_kw)
+
+    excess = excess_kw()
+    while excess > 0:
+        downward = export_limit_kw is not None and uncontrolled_kw + sum(targets.values()) > export_limit_kw
+        candidates = []
+        for band in bands:
+            if band.gap_kw is None:
+                continue
+            low, high = band.gap_kw
+            target = targets[band.asset_id]
+            if downward and target >= high - EPSILON_KW:
+                candidates.append((target - low, low, band))
+            elif not downward and target <= low + EPSILON_KW:
+                candidates.append((high - target, high, band))
+        # Smallest switches that clear the excess first, then the largest that do not.
+        candidates.sort(key=lambda c: (c[0] < excess - 1e-6, c[0] if c[0] >= excess - 1e-6 else -c[0]))
+        for _, switched_to, band in candidates:
+            before = dict(targets)
+            targets[band.asset_id] = switched_to
+            _absorb(bands, targets, activation_kw - _delivered(bands, targets))
+            now = excess_kw()
+            if now < excess - 1e-9:
+                excess = now
+                break
+            targets.clear()
+            targets.update(before)
+        else:
+            return

@@ -37,6 +37,10 @@ class AssetReading:
     # minus the charge power it accepts now, p_max_kw the discharge power.
     p_min_kw: float | None = None
     p_max_kw: float | None = None
+    # Open interval (low, high) inside [p_min_kw, p_max_kw] the asset cannot run
+    # at: an EV charger or a P2H unit is off (0) or between its minimum and
+    # maximum load, so (-min_load_kw, 0).  None: the range is continuous.
+    p_gap_kw: tuple[float, float] | None = None
     p_available_kw: float | None = None  # PV: power available from the sun now, if the device says
     voltage_v: float | None = None  # line-to-neutral average at the device
     frequency_hz: float | None = None

@@ -251,7 +251,7 @@ class Controller:
                 # Decoupling ordered by the grid operator: nothing on site may produce.
                 p_max = 0.0
                 p_min = min(p_min, 0.0)
-            bands.append(AssetBand(asset.id, baseline, p_min, p_max))
+            bands.append(AssetBand(asset.id, baseline, p_min, p_max, reading.p_gap_kw))
             measured_in_bands += reading.p_kw
         meter = self._meter
         if meter is not None:
@@ -352,6 +352,7 @@ class Controller:
                 "activation_kw": _round(target - baseline if target is not None and baseline is not None else 0.0 if baseline is not None else None),
                 "band_up_kw": _round(band_up),
                 "band_down_kw": _round(band_down),
+                "band_gap_kw": [_round(v) for v in reading.p_gap_kw] if reading.p_gap_kw and asset.id in targets else None,
                 "soc_pct": _round(reading.soc_pct),
             }
             if asset.kind != "meter":

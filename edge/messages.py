@@ -52,6 +52,11 @@ class AssetValues(Contract):
     activation_kw: Kw = Field(description="setpoint_kw - baseline_kw: this asset's share of the activation.")
     band_up_kw: Kw = Field(description="Available upward regulation from the baseline.")
     band_down_kw: Kw = Field(description="Available downward regulation from the baseline.")
+    band_gap_kw: list[float] | None = Field(
+        min_length=2, max_length=2,
+        description="[low, high]: powers strictly between them cannot be run at (EV chargers, P2H: off or "
+                    "between minimum and maximum load, so [-min, 0]); null: the band is continuous.",
+    )
     soc_pct: Kw = Field(description="State of charge, storage only.")
 
 
@@ -67,8 +72,10 @@ class SiteValues(Contract):
     soc_pct: Kw = Field(description="Mean state of charge of the online storage assets.")
     online: bool = Field(description="At least one asset answers.")
     metered: bool = Field(description="Site values come from an online connection-point meter.")
-    limited_by: Literal["export_limit", "import_limit", "band"] | None = Field(
-        description="Why activation_kw differs from activation_requested_kw."
+    limited_by: Literal["export_limit", "import_limit", "band", "discrete_band"] | None = Field(
+        description="Why activation_kw differs from activation_requested_kw (discrete_band: chargers or P2H units "
+                    "that are off or between minimum and maximum load cannot deliver the exact share, and the "
+                    "continuous assets could not make up the difference)."
     )
 
 

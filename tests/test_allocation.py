@@ -99,3 +99,112 @@ def test_export_limit_curtails_even_without_a_request():
 def test_non_finite_request_is_refused():
     with pytest.raises(ValueError, match="finite"):
         allocate(math.nan, [])
+
+
+# ------------------------------------------------------------ discontinuous ranges
+# EV chargers and P2H units run at 0 or between their minimum and maximum load.
+
+
+@st.composite
+def bands_with_gaps(draw):
+    """Continuous bands and gapped ones (off or min..max), with both sides of every gap in the band."""
+    bands = []
+    for index in range(draw(st.integers(min_value=0, max_value=5))):
+        low = draw(power)
+        high = draw(st.floats(min_value=low, max_value=low + 500, allow_nan=False))
+        bands.append(AssetBand(f"c{index}", draw(st.floats(min_value=low, max_value=high, allow_nan=False)), low, high))
+    for index in range(draw(st.integers(min_value=0, max_value=6))):
+        max_load = draw(st.floats(min_value=1, max_value=300, allow_nan=False))
+        min_load = draw(st.floats(min_value=0.1, max_value=max_load * 0.99, allow_nan=False))
+        on = draw(st.booleans())
+        baseline = -draw(st.floats(min_value=min_load, max_value=max_load, allow_nan=False)) if on else 0.0
+        bands.append(AssetBand(f"g{index}", baseline, -max_load, 0.0, (-min_load, 0.0)))
+    return bands
+
+
+def _continuous(bands):
+    return [AssetBand(b.asset_id, b.baseline_kw, b.p_min_kw, b.p_max_kw) for b in bands]
+
+
+@settings(max_examples=500, deadline=None)
+@given(requested=st.floats(min_value=-3000, max_value=3000, allow_nan=False), bands=bands_with_gaps(),
+       uncontrolled=st.floats(min_value=-500, max_value=500, allow_nan=False), export_limit=limits, import_limit=limits)
+def test_discrete_bands_never_commanded_into_their_gap(requested, bands, uncontrolled, export_limit, import_limit):
+    result = allocate(requested, bands, uncontrolled, export_limit, import_limit)
+    continuous = allocate(requested, _continuous(bands), uncontrolled, export_limit, import_limit)
+
+    for band in bands:
+        target = result.targets_kw[band.asset_id]
+        assert band.p_min_kw - TOL <= target <= band.p_max_kw + TOL
+        assert not band.in_gap(target), f"{band.asset_id} commanded to {target} inside its gap {band.gap_kw}"
+
+    # A violation is never hidden: it is exactly what the targets predict.
+    site = uncontrolled + sum(result.targets_kw.values())
+    excess = max(0.0, site - export_limit if export_limit is not None else 0.0,
+                 -site - import_limit if import_limit is not None else 0.0)
+    assert result.limit_violation_kw == pytest.approx(excess, abs=1e-6)
+    assert result.site_kw == pytest.approx(site)
+
+    # Where the continuous assets have room to absorb the widest gap in both
+    # directions, the discrete result delivers what the continuous one does.
+    widest_gap = max((b.gap_kw[1] - b.gap_kw[0] for b in bands if b.gap_kw), default=0.0)
+    free = [b for b in bands if b.gap_kw is None]
+    room_up = sum(b.p_max_kw - continuous.targets_kw[b.asset_id] for b in free)
+    room_down = sum(continuous.targets_kw[b.asset_id] - b.p_min_kw for b in free)
+    if room_up >= widest_gap and room_down >= widest_gap:
+        assert result.activation_kw == pytest.approx(continuous.activation_kw, abs=1e-6)
+        assert result.limit_violation_kw == pytest.approx(continuous.limit_violation_kw, abs=1e-6)
+
+    # A limit the continuous solution held is exceeded only when switching no
+    # gapped asset across its gap would lessen the excess.
+    if continuous.limit_violation_kw == 0 and result.limit_violation_kw > 0:
+        exporting_too_much = export_limit is not None and site > export_limit
+        for band in bands:
+            if band.gap_kw is None:
+                continue
+            target = result.targets_kw[band.asset_id]
+            switched = band.gap_kw[0] if exporting_too_much else band.gap_kw[1]
+            if (target - switched > 0) != exporting_too_much or target == switched:
+                continue  # already on the side that helps
+            after = site - target + switched
+            excess_after = max(0.0, after - export_limit if export_limit is not None else 0.0,
+                               -after - import_limit if import_limit is not None else 0.0)
+            assert excess_after >= result.limit_violation_kw - 1e-6, f"switching {band.asset_id} would help"
+    if result.activation_kw != pytest.approx(requested, abs=1e-6):
+        assert result.limited_by in ("export_limit", "import_limit", "band", "discrete_band")
+
+
+def test_worked_example_chargers_start_whole_and_the_battery_takes_the_rest():
+    # Two 11 kW chargers (minimum 4.1 kW) idle, a 10 kW battery idle: -6 kW asked.
+    chargers = [AssetBand(f"ev{i}", 0.0, -11.0, 0.0, (-4.1, 0.0)) for i in (1, 2)]
+    bess = AssetBand("bess", 0.0, -10.0, 10.0)
+    result = allocate(-6.0, [*chargers, bess])
+    # Pro rata would give each charger -2.06 kW (in the gap): one starts (at
+    # least its minimum), the other stays off, the battery makes up the rest.
+    on, off = sorted(result.targets_kw[c.asset_id] for c in chargers)
+    assert -11.0 <= on <= -4.1 and off == 0.0
+    assert result.targets_kw["bess"] < 0
+    assert result.activation_kw == pytest.approx(-6.0)
+    assert result.limited_by is None
+
+
+def test_without_continuous_assets_the_shortfall_is_reported():
+    boiler = AssetBand("boiler", 0.0, -500.0, 0.0, (-50.0, 0.0))
+    result = allocate(-20.0, [boiler])
+    assert result.targets_kw["boiler"] == 0.0  # off is nearer than 50 kW
+    assert result.activation_kw == 0.0 and result.limited_by == "discrete_band"
+    assert allocate(-30.0, [boiler]).targets_kw["boiler"] == -50.0
+
+
+def test_an_import_limit_switches_a_charger_off_rather_than_break_it():
+    # Site imports 20 kW already; import limit 25 kW; the VPP asks for -6 kW.
+    charger = AssetBand("ev", 0.0, -11.0, 0.0, (-6.0, 0.0))
+    result = allocate(-6.0, [charger], uncontrolled_kw=-20.0, import_limit_kw=25.0)
+    assert result.targets_kw["ev"] == 0.0
+    assert result.limit_violation_kw == 0.0 and result.limited_by == "import_limit"
+
+
+def test_a_band_narrower_than_the_minimum_leaves_only_off():
+    # The EV accepts 3 kW at most but the charger cannot go below 4.1 kW.
+    charger = AssetBand("ev", 0.0, -3.0, 0.0, (-4.1, 0.0))
+    assert allocate(-3.0, [charger]).targets_kw["ev"] == 0.0

@@ -122,6 +122,7 @@ async def test_p2h_consumption_sign_scale_and_min_load(template):
         async with Running(p2h_asset(unit, template=template)) as run:
             reading = await run.until(lambda r: r.online and r.p_kw is not None)
             assert (reading.p_min_kw, reading.p_max_kw) == (-500, 0) and "discrete band: 0 or -500..-50 kW" in reading.detail
+            assert reading.p_gap_kw == (-50, 0)
             run.driver.set_target_kw(-300.0)
             record = await unit.wait_command(2.0)
             assert record.value == pytest.approx(300.0) and record.accepted

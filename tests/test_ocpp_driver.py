@@ -117,6 +117,7 @@ async def test_both_versions_boot_authorize_charge_and_stop_through_the_daemon_f
                 assert reading.soc_pct == pytest.approx(55.0, abs=0.5)
                 assert reading.p_min_kw == pytest.approx(-22.08) and reading.p_max_kw == 0.0
                 assert "{0} + [-22.08, -4.14] kW" in reading.detail
+                assert reading.p_gap_kw == pytest.approx((-4.14, 0.0))  # off, or 6 A x 230 V x 3 and more
                 await asyncio.sleep(0.3)
                 await station.unplug()
                 stopped = await events.wait("session_stopped", asset_id)

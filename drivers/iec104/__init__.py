@@ -26,8 +26,9 @@ Public API
         BESS band: ``p_min_kw = -min(max_charge_kw, available charge)``,
         ``p_max_kw = min(max_discharge_kw, available discharge)``, the side
         blocked by ``soc_min_pct``/``soc_max_pct`` shrunk to 0.  P2H band:
-        ``[-max_load_kw, 0]`` with ``detail`` giving the discrete band
-        ``0 or -max..-min kW`` (or ``p_min_kw = 0`` when the store is full).
+        ``[-max_load_kw, 0]`` with the gap ``p_gap_kw = (-min_load_kw, 0)``:
+        the unit is off or between its minimum and maximum load (``p_min_kw
+        = 0`` and no gap when the store is full).
         Fault or local mode: degraded, band collapsed to the measured power.
         A failed command or a bad-quality value: degraded with the reason.
 

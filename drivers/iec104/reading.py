@@ -32,6 +32,7 @@ def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: f
     notes: list[str] = []
     p_kw = _finite(values.get("p_measured"))
     soc = _finite(values.get("soc"))
+    gap_kw = None
     if asset.kind == "bess":
         charge_kw = float(asset.max_charge_kw)
         discharge_kw = float(asset.max_discharge_kw)
@@ -57,12 +58,13 @@ def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: f
         min_load = _finite(values.get("min_load"))
         min_load = asset.min_load_kw if min_load is None else min(abs(min_load), max_load)
         p_min_kw, p_max_kw = -max_load, 0.0
+        gap_kw = (-min_load, 0.0) if min_load > 0 else None
         temp = _finite(values.get("storage_temp"))
         if temp is not None and asset.storage_temp_max_c is not None and temp >= asset.storage_temp_max_c:
             p_min_kw = 0.0
             notes.append(f"storage {temp:.1f} degC at or above storage_temp_max_c {asset.storage_temp_max_c:g}: no heating")
-        else:
-            # The controller treats [p_min, p_max] as continuous; this unit is off or in [min, max] load.
+            gap_kw = None
+        elif gap_kw is not None:
             notes.append(f"discrete band: 0 or {-max_load:g}..{-min_load:g} kW")
         if asset.ramp_kw_per_s:
             notes.append(f"ramp {asset.ramp_kw_per_s:g} kW/s")
@@ -73,6 +75,7 @@ def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: f
         problems.insert(0, blocked)
         # Not controllable now: the only reachable point is where it is.
         p_min_kw = p_max_kw = p_kw
+        gap_kw = None
     return AssetReading(
         online=True,
         p_kw=p_kw,
@@ -80,6 +83,7 @@ def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: f
         soc_pct=soc,
         p_min_kw=p_min_kw,
         p_max_kw=p_max_kw,
+        p_gap_kw=gap_kw,
         degraded=bool(problems),
         detail="; ".join(problems + notes),
         read_at=read_at if read_at is not None else time.time(),

@@ -12,7 +12,8 @@ Public API
     ``run()`` serves until cancelled; ``reading()`` gives ``online`` (link up),
     ``p_kw`` (negative while charging), the EV's ``soc_pct`` when reported,
     ``p_min_kw`` = minus the charger's rating with an EV plugged in (else 0),
-    ``p_max_kw`` = 0; ``detail`` names the discrete range {0} + [-max, -min].
+    ``p_max_kw`` = 0, ``p_gap_kw`` = (-min, 0): the charger is off or between
+    its minimum and maximum, never in between.
     ``set_target_kw(t)``: t <= 0 charges at most |t| kW, t > 0 means 0, None
     relaxes to the full rating.  Sent as SetChargingProfile when the limit
     moves beyond ``deadband_kw``; below the minimum current the limit is 0.

@@ -193,6 +193,7 @@ class ChargerSession:
             soc_pct=self.sample.soc_pct if self.ev_present else None,
             p_min_kw=p_min,
             p_max_kw=0.0,
+            p_gap_kw=(-c.min_kw, 0.0) if can_charge else None,
             degraded=self.degraded,
             detail=detail,
             read_at=self.sample_at or time.time(),
