@@ -42,6 +42,9 @@ class AssetReading:
     # maximum load, so (-min_load_kw, 0).  None: the range is continuous.
     p_gap_kw: tuple[float, float] | None = None
     p_available_kw: float | None = None  # PV: power available from the sun now, if the device says
+    # Largest reactive power the asset can be commanded to, either sign (kvar);
+    # None: the driver offers no reactive-power control for it.
+    q_max_kvar: float | None = None
     voltage_v: float | None = None  # line-to-neutral average at the device
     frequency_hz: float | None = None
     degraded: bool = False  # online, but the last command failed or a value was implausible
@@ -78,6 +81,14 @@ class AssetDriver(abc.ABC):
         Never blocks: the driver writes it as soon as it can (without waiting for
         its next poll), a newer target replacing one not yet written.  The target
         has already been clamped by the controller to [p_min_kw, p_max_kw].
+        """
+
+    def set_target_kvar(self, target_kvar: float | None) -> None:
+        """Ask the device for ``target_kvar`` of reactive power (+ over-excited), or release it (None).
+
+        Same rules as ``set_target_kw``; the controller calls it only for an
+        asset whose reading has ``q_max_kvar``, clamped to +/- that.  A driver
+        without reactive-power control keeps this default, which ignores it.
         """
 
 

@@ -46,6 +46,7 @@ class ControlledAsset:
     driver: AssetDriver
     frozen_baseline_kw: float | None = None
     commanded_kw: float | None = None  # the last target sent; None = released
+    commanded_kvar: float | None = None  # the last reactive-power target sent; None = released
     was_online: bool | None = None
 
 
@@ -60,6 +61,16 @@ class ControlState:
     last_step_mono: float | None = None
     allocation: Allocation | None = None
     last_setpoint_at: float | None = None  # epoch s of the last accepted setpoint
+    reactive: "ReactiveShare | None" = None  # the reactive-power order being enforced, if any
+
+
+@dataclass(frozen=True, slots=True)
+class ReactiveShare:
+    """A site reactive-power request shared across the assets that can follow it."""
+
+    requested_kvar: float  # at the connection point, + over-excited (injecting)
+    targets_kvar: dict[str, float]
+    site_kvar: float  # predicted site reactive power with these targets
 
 
 class Controller:
@@ -183,6 +194,8 @@ class Controller:
                 asset.frozen_baseline_kw = None
 
         self._write(allocation, release=not now_active)
+        state.reactive = self._share_reactive(readings, allocation)
+        self._write_reactive(state.reactive)
         self._limit_events(allocation, now)
         state.allocation = allocation
         state.last_requested_kw = requested
@@ -294,6 +307,55 @@ class Controller:
             asset.commanded_kw = target
             asset.driver.set_target_kw(target)
 
+    def _share_reactive(self, readings: dict[str, AssetReading], allocation: Allocation) -> ReactiveShare | None:
+        """The grid operator's Q or tan(phi) order, shared pro rata to each asset's reactive rating.
+
+        tan(phi) = Q / P at the connection point, both in the flexedge signs,
+        with P the site power this cycle's targets give.  Reactive power the
+        controller cannot command (other assets; with a connection-point
+        meter, all the site's) is measured and compensated, as for P.
+        """
+        orders = self.grid_orders
+        if orders.reactive_setpoint_kvar is not None:
+            requested = orders.reactive_setpoint_kvar
+        elif orders.tan_phi is not None:
+            requested = orders.tan_phi * allocation.site_kw
+        else:
+            return None
+        capable: dict[str, float] = {}
+        measured_capable = uncontrolled = 0.0
+        for asset in self.assets:
+            reading = readings[asset.id]
+            if asset.kind == "meter" or not reading.online:
+                continue
+            q_kvar = reading.q_kvar if reading.q_kvar is not None and math.isfinite(reading.q_kvar) else 0.0
+            q_max = reading.q_max_kvar
+            if asset.controllable and q_max is not None and math.isfinite(q_max) and q_max > 0:
+                capable[asset.id] = q_max
+                measured_capable += q_kvar
+            else:
+                uncontrolled += q_kvar
+        if self._meter is not None:
+            meter = readings[self._meter.id]
+            if meter.online and meter.q_kvar is not None and math.isfinite(meter.q_kvar):
+                uncontrolled = meter.q_kvar - measured_capable
+        total_capability = sum(capable.values())
+        wanted = min(max(requested - uncontrolled, -total_capability), total_capability)
+        targets = {asset_id: wanted * q_max / total_capability for asset_id, q_max in capable.items()}
+        return ReactiveShare(requested, targets, uncontrolled + sum(targets.values()))
+
+    def _write_reactive(self, share: ReactiveShare | None) -> None:
+        for asset in self.assets:
+            target = share.targets_kvar.get(asset.id) if share is not None else None
+            previous = asset.commanded_kvar
+            if target is None:
+                if previous is None:
+                    continue
+            elif previous is not None and abs(target - previous) < TARGET_DEADBAND_KW:
+                continue
+            asset.commanded_kvar = target
+            asset.driver.set_target_kvar(target)
+
     def _limit_events(self, allocation: Allocation, now: float) -> None:
         kind = allocation.limited_by if allocation.limited_by in ("export_limit", "import_limit") else None
         if allocation.limit_violation_kw > 0:
@@ -318,6 +380,7 @@ class Controller:
                 # The driver reported it; the controller forgets the command so
                 # that a reconnecting device gets the current target again.
                 asset.commanded_kw = None
+                asset.commanded_kvar = None
             asset.was_online = online
 
     # ---------------------------------------------------------- telemetry
@@ -337,6 +400,8 @@ class Controller:
             if asset.kind != "meter" and reading.online and reading.p_kw is not None:
                 baseline = asset.frozen_baseline_kw if asset.frozen_baseline_kw is not None else reading.p_kw
             target = targets.get(asset.id) if asset.commanded_kw is not None else None
+            reactive = self.state.reactive
+            q_target = reactive.targets_kvar.get(asset.id) if reactive is not None and asset.commanded_kvar is not None else None
             band_up = band_down = 0.0
             if asset.id in targets and baseline is not None:
                 p_min, p_max = self._range(asset, reading, baseline)
@@ -354,6 +419,7 @@ class Controller:
                 "band_down_kw": _round(band_down),
                 "band_gap_kw": [_round(v) for v in reading.p_gap_kw] if reading.p_gap_kw and asset.id in targets else None,
                 "soc_pct": _round(reading.soc_pct),
+                "q_setpoint_kvar": _round(q_target),
             }
             if asset.kind != "meter":
                 if reading.online and reading.p_kw is not None:
@@ -397,11 +463,15 @@ class Controller:
                 "online": any(r.online for r in readings.values()),
                 "metered": meter_online,
                 "limited_by": allocation.limited_by if allocation else None,
+                "q_requested_kvar": _round(self.state.reactive.requested_kvar) if self.state.reactive else None,
+                "q_setpoint_kvar": _round(self.state.reactive.site_kvar) if self.state.reactive else None,
             },
             "assets": assets_out,
             "grid_orders": {
                 "export_limit_kw": self.grid_orders.export_limit_kw,
                 "disconnected": self.grid_orders.disconnected,
+                "reactive_setpoint_kvar": self.grid_orders.reactive_setpoint_kvar,
+                "tan_phi": self.grid_orders.tan_phi,
                 "source": self.grid_orders.source,
             },
             "gateway": self.stats.snapshot(),

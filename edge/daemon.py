@@ -131,6 +131,9 @@ class Gateway:
                 if asset.commanded_kw is not None:
                     asset.driver.set_target_kw(None)
                     asset.commanded_kw = None
+                if asset.commanded_kvar is not None:
+                    asset.driver.set_target_kvar(None)
+                    asset.commanded_kvar = None
             await asyncio.sleep(min(RELEASE_GRACE_S, profile.control.cycle_s))
             for task in driver_tasks:
                 task.cancel()

@@ -58,6 +58,9 @@ class AssetValues(Contract):
                     "between minimum and maximum load, so [-min, 0]); null: the band is continuous.",
     )
     soc_pct: Kw = Field(description="State of charge, storage only.")
+    q_setpoint_kvar: Kw = Field(
+        description="Reactive power commanded to the asset (+ over-excited); null when none is (no Q order in force)."
+    )
 
 
 class SiteValues(Contract):
@@ -77,6 +80,13 @@ class SiteValues(Contract):
                     "that are off or between minimum and maximum load cannot deliver the exact share, and the "
                     "continuous assets could not make up the difference)."
     )
+    q_requested_kvar: Kw = Field(
+        description="Reactive power the grid operator's Q or tan(phi) order asks for at the connection point; null: no order."
+    )
+    q_setpoint_kvar: Kw = Field(
+        description="Predicted site reactive power with the commanded targets; differs from q_requested_kvar when "
+                    "the assets' reactive ratings cannot cover it."
+    )
 
 
 class GatewayHealth(Contract):
@@ -94,6 +104,8 @@ class GatewayHealth(Contract):
 class GridOrdersValues(Contract):
     export_limit_kw: Kw = Field(description="Active-power limit ordered by the grid operator (DEIE); null: none.")
     disconnected: bool = Field(description="The grid operator ordered the site to stop producing.")
+    reactive_setpoint_kvar: Kw = Field(description="Reactive power ordered at the connection point, + over-excited; null: none.")
+    tan_phi: Kw = Field(description="tan(phi) = Q / P ordered at the connection point (flexedge signs); null: none.")
     source: str = Field(description="Where the orders come from: none, deie, link_loss_default.")
 
 

@@ -363,3 +363,50 @@ async def test_deie_orders_over_iec104_cap_the_site_and_lift(tmp_path, mosquitto
                         5, "link-down event")
             types = {e["type"] for e in vpp.events}
             assert {"grid_order_received", "grid_order_rejected", "grid_order_applied"} <= types
+
+
+async def test_deie_reactive_power_and_tan_phi_orders_reach_the_inverters(tmp_path, mosquitto):
+    """Q and tan(phi) orders from the grid operator become 704 VarSet writes, shared by reactive rating."""
+    from simulators.deie import Confirmation, DeieOperator
+
+    from conftest import free_port
+
+    # Reactive ratings (702 VarMaxInj/VarMaxAbs in the simulator): 0.44 x rating: 8.8 and 4.4 kvar.
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=16.0), DeviceSpec(kind="storage", rated_kw=10.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        deie_port = free_port()
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=1.0)
+        grid = {"deie": {"host": "127.0.0.1", "port": deie_port, "installed_kw": 30.0}}
+        profile = Profile.model_validate({**profile.model_dump(mode="json"), "grid": grid})
+        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "assets online")
+            await until(lambda: gateway.deie is not None and gateway.deie.serving, 5, "DEIE server listening")
+            async with DeieOperator("127.0.0.1", deie_port) as operator:
+                ordered_at = time.monotonic()
+                assert await operator.send_q_kvar(-6.0) == Confirmation.POSITIVE  # absorb 6 kvar
+                write = await pv.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+                assert write.value == pytest.approx(-4000.0, abs=20)  # 6 x 8.8 / 13.2 kvar, in var
+                write = await bess.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+                assert write.value == pytest.approx(-2000.0, abs=20)
+                await until(lambda: abs(pv.q_kvar + bess.q_kvar + 6.0) < 0.1, 3, "site absorbs 6 kvar")
+                message = await until(lambda: vpp.telemetry[-1]["site"]["q_requested_kvar"] == -6.0 and vpp.telemetry[-1],
+                                      3, "the order in telemetry")
+                Telemetry.model_validate(message)
+                assert message["grid_orders"]["reactive_setpoint_kvar"] == -6.0
+                assert message["assets"]["pv0"]["q_setpoint_kvar"] == pytest.approx(-4.0, abs=0.05)
+
+                # tan(phi) = Q / P: the site exports 16 kW, so -0.25 asks for -4 kvar.
+                ordered_at = time.monotonic()
+                assert await operator.send_tan_phi(-0.25) == Confirmation.POSITIVE
+                write = await pv.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+                assert write.value == pytest.approx(-4000.0 * 8.8 / 13.2, rel=0.05)
+                await until(lambda: abs(pv.q_kvar + bess.q_kvar + 4.0) < 0.3, 3, "site follows tan(phi)")
+
+                # An order beyond the site's reactive ratings: all they have, and telemetry shows the gap.
+                assert await operator.send_q_kvar(30.0) == Confirmation.POSITIVE
+                message = await until(lambda: vpp.telemetry[-1]["site"]["q_requested_kvar"] == 30.0 and vpp.telemetry[-1],
+                                      3, "the large order in telemetry")
+                assert message["site"]["q_setpoint_kvar"] == pytest.approx(13.2, abs=0.1)
+        # Stopping the gateway releases reactive control too (VarSetEna = 0).
+        assert pv.image.get_raw(704, "VarSetEna") == 0

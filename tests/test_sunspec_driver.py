@@ -20,7 +20,7 @@ from sunspec2.device import Model
 
 from drivers.sunspec import create
 from drivers.sunspec.codec import EncodeError, ModelBlock, encode, layout_for
-from drivers.sunspec.control import CommandError, build_writes, choose_path
+from drivers.sunspec.control import CommandError, build_writes, choose_path, choose_var_path
 from drivers.sunspec.discovery import MAX_REGISTERS_PER_READ, plan_reads
 from drivers.sunspec.driver import Backoff
 from drivers.sunspec.measure import build_reading
@@ -176,6 +176,20 @@ def test_storage_without_704_uses_124_rates_of_wchamax():
     out_raw, in_raw = struct.unpack(">hh", struct.pack(">HH", *writes[1].values))
     assert (out_raw, in_raw) == (-5000, 5000)  # -50 % and +50 % of 5 kW
     assert writes[1].address == b.address_of("OutWRte") and writes[2].values == (3,)
+
+
+def test_reactive_power_through_704_varset_in_vars():
+    blocks = {704: sunspec_block(704, address=40200, VarSet_SF=0)}
+    assert choose_var_path("pv", blocks) == "704-var" and choose_var_path("meter", blocks) is None
+    assert choose_var_path("pv", {}) is None
+    writes = build_writes("704-var", -2.5, 60, blocks)
+    b = blocks[704]
+    labels = [label for w in writes for label in w.points]
+    assert labels == ["704.VarSetRvrtTms", "704.VarSetEna", "704.VarSetMod", "704.VarSet"]
+    varset = next(w for w in writes if "704.VarSet" in w.points)
+    raw = struct.unpack(">i", struct.pack(">HH", *varset.values[-2:]))[0]
+    assert raw == -2500  # var, absorbing
+    assert [(w.address, w.values) for w in build_writes("704-var", None, 60, blocks)] == [(b.address_of("VarSetEna"), (0,))]
 
 
 def test_command_without_scale_factor_is_refused_with_the_reason():
@@ -359,6 +373,7 @@ async def test_target_through_123_when_the_device_has_no_704():
         device = sim.device()
         async with driving(tcp_asset(device), cycle_s=1.0) as (driver, _):
             assert driver.control_path == "123-limit"
+            assert driver.var_control_path is None and driver.reading().q_max_kvar is None  # no 704: no Q control
             sent = time.monotonic()
             driver.set_target_kw(2.0)
             enable = await device.next_write("WMaxLim_Ena", model_id=123, timeout_s=1, after_s=sent)

@@ -18,8 +18,16 @@ path       used for                writes (target t kW, + export / discharge)
                                    ``WMaxLim_Ena=1``
 =========  ======================  ==================================================
 
+Reactive power (target q kvar, + over-excited, i.e. injecting), chosen by
+``choose_var_path``:
+
+=========  ======================  ==================================================
+704-var    pv and bess with 704    ``VarSetRvrtTms``; ``VarSetEna=1``, ``VarSetMod=4``
+                                   (vars), ``VarSet`` = q x 1000 var (``VarSet_SF``)
+=========  ======================  ==================================================
+
 Release (target None) writes only the enable: ``WSetEna=0``,
-``WMaxLimPctEna=0``, ``StorCtl_Mod=0`` or ``WMaxLim_Ena=0``.  The revert timer
+``WMaxLimPctEna=0``, ``StorCtl_Mod=0``, ``WMaxLim_Ena=0`` or ``VarSetEna=0``.  The revert timer
 is written first so that the device never holds an enabled command without
 its timer; adjacent points are written in one request.  A revert timer is
 written only if the device's model is long enough to contain it.  Percentages
@@ -30,6 +38,9 @@ Public API:
 ``choose_path(kind, blocks) -> str | None``
     ``kind`` is the profile's ``pv``/``bess``/``meter``, ``blocks`` the last
     read ``ModelBlock`` per model id.  None: no way to control this device.
+
+``choose_var_path(kind, blocks) -> str | None``
+    ``"704-var"`` where model 704 has ``VarSetEna`` and ``VarSet``, else None.
 
 ``build_writes(path, target_kw, revert_s, blocks, rated_kw=None) -> list[RegisterWrite]``
     The writes, in order.  ``rated_kw`` (the profile's) is used only when the
@@ -47,6 +58,10 @@ from drivers.sunspec.codec import EncodeError, ModelBlock, encode
 
 PATH_CAN_CHARGE = {"704-set": True, "124-rate": True, "704-limit": False, "123-limit": False}
 STORCTL_CHARGE_AND_DISCHARGE = 0b11
+VARSETMOD_VARS = 4  # 704 VarSetMod: VarSet is in vars
+# Written only when the device does not already hold them (and skipped where a
+# shorter model revision lacks them).
+_OPTIONAL_POINTS = ("WSetMod", "VarSetMod")
 
 
 class CommandError(Exception):
@@ -84,6 +99,12 @@ def choose_path(kind: str, blocks: dict[int, ModelBlock]) -> str | None:
     return None
 
 
+def choose_var_path(kind: str, blocks: dict[int, ModelBlock]) -> str | None:
+    if kind in ("pv", "bess") and _has(blocks, 704, "VarSetEna", "VarSet"):
+        return "704-var"
+    return None
+
+
 def _watts(blocks: dict[int, ModelBlock], candidates: list[tuple[int, str]]) -> float | None:
     for model_id, point in candidates:
         block = blocks.get(model_id)
@@ -117,6 +138,11 @@ def _assignments(path: str, target_kw: float | None, revert_s: int, blocks, rate
         if target_kw is None:
             return 704, [("WSetEna", 0)]
         return 704, [("WSetRvrtTms", revert_s), ("WSetEna", 1), ("WSetMod", 1), ("WSet", target_kw * 1000.0)]
+    if path == "704-var":
+        if target_kw is None:
+            return 704, [("VarSetEna", 0)]
+        return 704, [("VarSetRvrtTms", revert_s), ("VarSetEna", 1), ("VarSetMod", VARSETMOD_VARS),
+                     ("VarSet", target_kw * 1000.0)]
     if path == "704-limit":
         if target_kw is None:
             return 704, [("WMaxLimPctEna", 0)]
@@ -156,10 +182,10 @@ def build_writes(
     writes: list[RegisterWrite] = []
     for name, value in assignments:
         if not block.has(name):
-            if name.endswith("RvrtTms") or name == "WSetMod":
+            if name.endswith("RvrtTms") or name in _OPTIONAL_POINTS:
                 continue  # optional: older or shorter model revisions lack them
             raise CommandError(f"model {model_id} has no point {name}")
-        if not refresh and (name.endswith("RvrtTms") or name == "WSetMod") and block.raw(name) == value:
+        if not refresh and (name.endswith("RvrtTms") or name in _OPTIONAL_POINTS) and block.raw(name) == value:
             # The device already holds it (read back every poll).  Writing it again
             # would cost a second request: in 704 the timer is not adjacent to the
             # enable and the setpoint, and a new command must arrive at once.  The

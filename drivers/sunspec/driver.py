@@ -8,18 +8,20 @@ its ``run()`` is the only code that touches its Modbus connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from edge.asset import AssetDriver, AssetReading, EventSink
 from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
 
 from drivers.sunspec.codec import ModelBlock, ModelLayout, layout_for
-from drivers.sunspec.control import CommandError, build_writes, choose_path
+from drivers.sunspec.control import CommandError, build_writes, choose_path, choose_var_path
 from drivers.sunspec.discovery import (
     AUTO_BASES,
     END_MODEL_ID,
@@ -52,6 +54,25 @@ class MapChanged(Exception):
     """The device's model map no longer matches what discovery found."""
 
 
+@dataclass
+class _Setting:
+    """One commanded quantity (active or reactive power): its target and what was written."""
+
+    key: str  # the target's name in events: "target_kw" or "target_kvar"
+    unit: str
+    what: str  # for logs and errors
+    target: float | None = None
+    pending: bool = False  # a new target waits to be written
+    release_unconfirmed: bool = False  # a release could not be written yet
+    last_written: float = 0.0  # monotonic time of the last write with the revert timer
+    path: str | None = None  # control path in drivers.sunspec.control
+    problem: str | None = None  # the last write's failure, until one succeeds
+
+    @property
+    def needs_write(self) -> bool:
+        return self.target is not None or self.release_unconfirmed or self.pending
+
+
 def poll_phase(asset_id: str) -> float:
     """A stable fraction of the cycle in [0.1, 1.1) for this asset's polls."""
     return 0.1 + (zlib.crc32(asset_id.encode()) % 1000) / 1000.0
@@ -67,13 +88,11 @@ class SunSpecDriver(AssetDriver):
         self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=30.0)
         self.link = ModbusLink(asset)
         self.model_map: ModelMap | None = None
-        self.control_path: str | None = None
         self.identity: dict[str, str] = {}
         self._wake = asyncio.Event()
-        self._target: float | None = None
-        self._target_pending = False
-        self._release_unconfirmed = False
-        self._last_written = 0.0
+        self._active = _Setting("target_kw", "kW", "active-power")
+        self._reactive = _Setting("target_kvar", "kvar", "reactive-power")
+        self._settings = (self._active, self._reactive)
         self._layouts: dict[int, tuple[ModelEntry, ModelLayout]] = {}
         self._plan: list[ReadSpan] = []
         self._blocks: dict[int, ModelBlock] = {}
@@ -85,7 +104,6 @@ class SunSpecDriver(AssetDriver):
         self._last_error_at: float | None = None
         self._next_rescan = 0.0
         self._poll_problem: str | None = None
-        self._command_problem: str | None = None
         self._degraded_reported = False
         self._failures_logged = 0
         if asset.revert_timeout_s and asset.revert_timeout_s < 2 * cycle_s:
@@ -96,30 +114,44 @@ class SunSpecDriver(AssetDriver):
 
     # ------------------------------------------------------------ public API
 
+    @property
+    def control_path(self) -> str | None:
+        """Active-power control path (``"704-set"``, ``"704-limit"``, ``"124-rate"``, ``"123-limit"``) or None."""
+        return self._active.path
+
+    @property
+    def var_control_path(self) -> str | None:
+        """Reactive-power control path (``"704-var"``) or None."""
+        return self._reactive.path
+
     def reading(self) -> AssetReading:
         if not self._online:
             return AssetReading(online=False, detail=self._last_error, read_at=time.time())
         reading = self._reading
-        problems = [p for p in (reading.detail, self._poll_problem, self._command_problem) if p]
-        if problems != ([reading.detail] if reading.detail else []):
-            return AssetReading(
-                online=True, p_kw=reading.p_kw, q_kvar=reading.q_kvar, soc_pct=reading.soc_pct,
-                p_min_kw=reading.p_min_kw, p_max_kw=reading.p_max_kw, p_available_kw=reading.p_available_kw,
-                voltage_v=reading.voltage_v, frequency_hz=reading.frequency_hz, degraded=True,
-                detail="; ".join(problems), read_at=reading.read_at,
+        extra = [p for p in (self._poll_problem, *(s.problem for s in self._settings)) if p]
+        if extra:
+            return dataclasses.replace(
+                reading, degraded=True, detail="; ".join(p for p in (reading.detail, *extra) if p),
             )
         return reading
 
     def set_target_kw(self, target_kw: float | None) -> None:
-        if target_kw is not None:
-            if isinstance(target_kw, bool) or not isinstance(target_kw, (int, float)) or not math.isfinite(target_kw):
-                raise ValueError(f"{self.asset_id}: target_kw must be a finite number of kW or None, got {target_kw!r}")
+        self._set(self._active, target_kw)
+
+    def set_target_kvar(self, target_kvar: float | None) -> None:
+        self._set(self._reactive, target_kvar)
+
+    def _set(self, setting: _Setting, target: float | None) -> None:
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+                raise ValueError(f"{self.asset_id}: {setting.key} must be a finite number of {setting.unit} or None, "
+                                 f"got {target!r}")
             if self.asset.kind == "meter" or not self.asset.controllable:
-                self._emit("command_failed", {"target_kw": target_kw, "reason": "asset is not controllable"})
+                self._emit("command_failed", {setting.key: target, "reason": "asset is not controllable"})
                 return
-            target_kw = float(target_kw)
-        self._target = target_kw
-        self._target_pending = True
+            target = float(target)
+        setting.target = target
+        setting.pending = True
         self._wake.set()
 
     async def run(self) -> None:
@@ -140,8 +172,9 @@ class SunSpecDriver(AssetDriver):
                     await self.link.connect()
                 await self._discover()
                 await self._poll()
-                if self._target is not None or self._release_unconfirmed or self._target_pending:
-                    await self._write_target()
+                for setting in self._settings:
+                    if setting.needs_write:
+                        await self._write(setting)
                 self.backoff.reset()
                 self._failures_logged = 0
                 await self._serve()
@@ -264,20 +297,22 @@ class SunSpecDriver(AssetDriver):
         # loop, and with it a setpoint arriving at that moment.
         next_poll = time.monotonic() + self.cycle_s * poll_phase(self.asset_id)
         while True:
-            if self._target_pending:
-                await self._write_target()
+            for setting in self._settings:
+                if setting.pending:
+                    await self._write(setting)
             if time.monotonic() >= next_poll:
                 if time.monotonic() >= self._next_rescan and await self._discover():
                     log.warning("%s: model map changed (periodic rescan)", self.asset_id)
                 await self._poll()
-                if self._release_unconfirmed or (self._target is not None and self._refresh_due()):
-                    await self._write_target(refresh=True)
+                for setting in self._settings:
+                    if setting.release_unconfirmed or (setting.target is not None and self._refresh_due(setting)):
+                        await self._write(setting, refresh=True)
                 next_poll += self.cycle_s
                 if next_poll <= time.monotonic():  # fell behind: do not burst to catch up
                     next_poll = time.monotonic() + self.cycle_s
                 continue
             self._wake.clear()
-            if self._target_pending:
+            if any(setting.pending for setting in self._settings):
                 continue
             try:
                 async with asyncio.timeout(max(0.0, next_poll - time.monotonic())):
@@ -310,12 +345,13 @@ class SunSpecDriver(AssetDriver):
             model_id: ModelBlock(layout, [image[a] for a in range(entry.address, entry.end)], entry.address)
             for model_id, (entry, layout) in self._layouts.items()
         }
-        path = choose_path(self.asset.kind, self._blocks)
-        if path != self.control_path:
-            log.info("%s: active-power control through %s", self.asset_id, path or "nothing (not controllable)")
-            self.control_path = path
+        for setting, path in ((self._active, choose_path(self.asset.kind, self._blocks)),
+                              (self._reactive, choose_var_path(self.asset.kind, self._blocks))):
+            if path != setting.path:
+                log.info("%s: %s control through %s", self.asset_id, setting.what, path or "nothing")
+                setting.path = path
         self._poll_problem = None
-        self._reading = build_reading(self.asset, self._blocks, path, time.time())
+        self._reading = build_reading(self.asset, self._blocks, self._active.path, time.time(), self._reactive.path)
         if self._online is not True:
             self._set_online(True)
         self._report_degraded()
@@ -329,31 +365,32 @@ class SunSpecDriver(AssetDriver):
 
     # ------------------------------------------------------------- control
 
-    def _refresh_due(self) -> bool:
+    def _refresh_due(self, setting: _Setting) -> bool:
         """Whether to write the command again now: often enough that the revert timer
         never runs out (a quarter of it), never more than once a cycle, and at least
         once a minute, which also restores a command a rebooted device forgot."""
         revert_s = float(self.asset.revert_timeout_s)
         interval_s = min(REFRESH_MAX_S, revert_s / 4) if revert_s > 0 else REFRESH_MAX_S
-        return time.monotonic() - self._last_written >= max(0.0, interval_s - self.cycle_s / 2)
+        return time.monotonic() - setting.last_written >= max(0.0, interval_s - self.cycle_s / 2)
 
-    async def _write_target(self, refresh: bool = False) -> None:
-        target = self._target
-        self._target_pending = False
+    async def _write(self, setting: _Setting, refresh: bool = False) -> None:
+        target = setting.target
+        setting.pending = False
         if not self._blocks:  # no successful poll on this map yet: the next cycle's refresh writes it
-            self._release_unconfirmed = target is None
+            setting.release_unconfirmed = target is None
             return
-        if self.control_path is None:
+        if setting.path is None:
             if target is not None:
-                self._command_failed(target, "no control model (704, 123 or 124) on the device", refresh)
+                models = "704, 123 or 124" if setting is self._active else "704 with VarSet"
+                self._command_failed(setting, f"no {setting.what} control model ({models}) on the device", refresh)
             return
         try:
             writes = build_writes(
-                self.control_path, target, int(self.asset.revert_timeout_s), self._blocks, self.asset.rated_kw,
+                setting.path, target, int(self.asset.revert_timeout_s), self._blocks, self.asset.rated_kw,
                 refresh=refresh,
             )
         except CommandError as error:
-            self._command_failed(target, str(error), refresh)
+            self._command_failed(setting, str(error), refresh)
             return
         try:
             for write in writes:
@@ -361,34 +398,35 @@ class SunSpecDriver(AssetDriver):
                 self._last_answer = time.monotonic()
         except DeviceRejected as error:
             self._last_answer = time.monotonic()
-            self._command_failed(target, f"{write}: {error}", refresh, written=str(write), answer=str(error))
+            self._command_failed(setting, f"{write}: {error}", refresh, written=str(write), answer=str(error))
             if error.code == ILLEGAL_DATA_ADDRESS:
                 raise MapChanged(str(error)) from None
             return
         except LinkFailure:
-            self._target_pending = True  # write it again as soon as the link is back
+            setting.pending = True  # write it again as soon as the link is back
             raise
-        if not refresh or self._command_problem:
+        if not refresh or setting.problem:
             log.info(
                 "%s: %s written via %s: %s", self.asset_id,
-                "release" if target is None else f"target {target:g} kW", self.control_path,
+                "release" if target is None else f"target {target:g} {setting.unit}", setting.path,
                 "; ".join(map(str, writes)),
             )
-        self._release_unconfirmed = False
+        setting.release_unconfirmed = False
         if refresh or any(label.endswith("RvrtTms") for write in writes for label in write.points):
-            self._last_written = time.monotonic()  # only a write with the timer restarts it everywhere
-        if self._command_problem:
-            self._command_problem = None
+            setting.last_written = time.monotonic()  # only a write with the timer restarts it everywhere
+        if setting.problem:
+            setting.problem = None
             self._report_degraded()
 
-    def _command_failed(self, target: float | None, reason: str, refresh: bool, **wire: str) -> None:
-        self._release_unconfirmed = target is None
-        problem = f"command failed: {reason}"
-        repeated = refresh and self._command_problem == problem
-        self._command_problem = problem
+    def _command_failed(self, setting: _Setting, reason: str, refresh: bool, **wire: str) -> None:
+        target = setting.target
+        setting.release_unconfirmed = target is None
+        problem = f"{setting.what} command failed: {reason}" if setting is self._reactive else f"command failed: {reason}"
+        repeated = refresh and setting.problem == problem
+        setting.problem = problem
         if not repeated:
-            log.warning("%s: command %s failed: %s", self.asset_id, target, reason)
-            self._emit("command_failed", {"target_kw": target, "reason": reason, "path": self.control_path, **wire})
+            log.warning("%s: %s command %s failed: %s", self.asset_id, setting.what, target, reason)
+            self._emit("command_failed", {setting.key: target, "reason": reason, "path": setting.path, **wire})
         self._report_degraded()
 
     # -------------------------------------------------------------- events

@@ -11,6 +11,11 @@ voltage_v         inverter mean of ``PhVphA..C``, else 701 ``LNV``; meter
                   ``PhV``, else mean of ``PhVphA..C``
 frequency_hz      ``Hz`` of the same model (0 Hz means "not measuring": None)
 soc_pct           802 ``SoC``, else 124 ``ChaState``
+q_max_kvar        with a reactive-power control path only: the smaller of the
+                  injection and absorption ratings, 702 ``VarMaxInj`` /
+                  ``VarMaxAbs``, else ``VarMaxInjRtg`` / ``VarMaxAbsRtg``,
+                  else 120 ``VArRtgQ1`` / ``VArRtgQ4``; none known: None
+                  (noted in ``detail``, no reactive control)
 rating (pv)       profile ``rated_kw``, else 702 ``WMaxRtg``, else 120 ``WRtg``
 charge max        profile ``max_charge_kw``, else 702 ``WChaRteMax`` /
                   ``WChaRteMaxRtg``, 802 ``WChaRteMax``, 120 ``MaxChaRte``,
@@ -31,10 +36,10 @@ or a SoC outside 0..100 % is dropped (None) and makes the reading degraded,
 with the reason in ``detail``.  An inverter reporting ``St`` = FAULT is
 degraded too.
 
-Public API: ``build_reading(asset, blocks, path, now) -> AssetReading``
+Public API: ``build_reading(asset, blocks, path, now, var_path=None) -> AssetReading``
 (``asset`` the ``SunSpecAsset``, ``blocks`` the ``ModelBlock`` per model id,
-``path`` the control path from ``drivers.sunspec.control``, ``now`` the
-wall-clock time of the read).
+``path`` and ``var_path`` the active and reactive control paths from
+``drivers.sunspec.control``, ``now`` the wall-clock time of the read).
 """
 
 from __future__ import annotations
@@ -178,7 +183,18 @@ def _range(asset, c: _Collector, path: str | None, rating_kw, soc) -> tuple[floa
     return (0.0 if p_min == 0 else p_min), p_max
 
 
-def build_reading(asset, blocks: dict[int, ModelBlock], path: str | None, now: float) -> AssetReading:
+def _reactive_rating_kvar(c: _Collector) -> float | None:
+    """The reactive power the device can hold both ways, from its ratings (var)."""
+    for inject, absorb in (((702, "VarMaxInj"), (702, "VarMaxAbs")), ((702, "VarMaxInjRtg"), (702, "VarMaxAbsRtg")),
+                           ((120, "VArRtgQ1"), (120, "VArRtgQ4"))):
+        values = [abs(v) for v in (c.value(*inject), c.value(*absorb)) if v is not None]
+        if values and min(values) > 0:
+            return min(values) / 1000.0
+    return None
+
+
+def build_reading(asset, blocks: dict[int, ModelBlock], path: str | None, now: float,
+                  var_path: str | None = None) -> AssetReading:
     c = _Collector(blocks)
     w, var, voltage, hz = _electrical(c, asset.kind)
     rating_kw = _rating_kw(asset, c) if asset.kind != "meter" else asset.rated_kw
@@ -197,6 +213,10 @@ def build_reading(asset, blocks: dict[int, ModelBlock], path: str | None, now: f
     p_min, p_max = _range(asset, c, path, rating_kw, soc)
     if asset.kind != "meter" and path is None and asset.controllable:
         c.problems.append("no control model (704, 123 or 124) found")
+    q_max = _reactive_rating_kvar(c) if var_path is not None and asset.controllable else None
+    notes = []
+    if var_path is not None and asset.controllable and q_max is None:
+        notes.append("no reactive-power rating (702 VarMaxInj/VarMaxAbs, 120 VArRtgQ1/Q4): no reactive control")
     return AssetReading(
         online=True,
         p_kw=p_kw,
@@ -204,9 +224,10 @@ def build_reading(asset, blocks: dict[int, ModelBlock], path: str | None, now: f
         soc_pct=soc,
         p_min_kw=p_min,
         p_max_kw=p_max,
+        q_max_kvar=q_max,
         voltage_v=voltage,
         frequency_hz=hz,
         degraded=bool(c.problems),
-        detail="; ".join(c.problems),
+        detail="; ".join(c.problems + notes),
         read_at=now,
     )
