@@ -44,6 +44,8 @@ class ControlledAsset:
     controllable: bool
     connection_point: bool
     driver: AssetDriver
+    ramp_kw_per_s: float | None = None  # None: reaches any target by the next cycle
+    merit: tuple[float, float] = (100, 0.0)  # (priority, dispatch cost): merit order, lower first
     frozen_baseline_kw: float | None = None
     commanded_kw: float | None = None  # the last target sent; None = released
     commanded_kvar: float | None = None  # the last reactive-power target sent; None = released
@@ -62,6 +64,17 @@ class ControlState:
     allocation: Allocation | None = None
     last_setpoint_at: float | None = None  # epoch s of the last accepted setpoint
     reactive: "ReactiveShare | None" = None  # the reactive-power order being enforced, if any
+    incapacity: "Incapacity | None" = None  # the shortfall being reported, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Incapacity:
+    """What the site cannot deliver now: the activation asked for, or the band committed to."""
+
+    causes: tuple[str, ...]  # "band", "discrete_band", "export_limit", "import_limit", "grid_order", "committed_band_up", ...
+    shortfall_kw: float  # activation asked for but not deliverable (kW, >= 0)
+    band_shortfall_up_kw: float  # committed upward band not available
+    band_shortfall_down_kw: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +192,8 @@ class Controller:
         bands, uncontrolled_kw = self._bands(readings, freeze=requested != 0.0 or state.active)
         grid = self.profile.grid
         export_limit_kw = effective_export_limit_kw(grid.export_limit_kw, self.grid_orders)
-        allocation = allocate(requested, bands, uncontrolled_kw, export_limit_kw, grid.import_limit_kw)
+        allocation = allocate(requested, bands, uncontrolled_kw, export_limit_kw, grid.import_limit_kw,
+                              strategy=self.profile.control.allocation)
 
         # Baselines stay frozen while an activation or a grid limit is in force.
         limit_binding = (allocation.limited_by in ("export_limit", "import_limit") or allocation.limit_violation_kw > 0
@@ -199,6 +213,7 @@ class Controller:
         self._limit_events(allocation, now)
         state.allocation = allocation
         state.last_requested_kw = requested
+        self._incapacity_events(self._incapacity(requested, allocation))
         return allocation
 
     # ------------------------------------------------------------ helpers
@@ -264,7 +279,9 @@ class Controller:
                 # Decoupling ordered by the grid operator: nothing on site may produce.
                 p_max = 0.0
                 p_min = min(p_min, 0.0)
-            bands.append(AssetBand(asset.id, baseline, p_min, p_max, reading.p_gap_kw))
+            ramp_kw = asset.ramp_kw_per_s * self.profile.control.cycle_s if asset.ramp_kw_per_s else None
+            bands.append(AssetBand(asset.id, baseline, p_min, p_max, reading.p_gap_kw,
+                                   present_kw=reading.p_kw, ramp_kw=ramp_kw, merit=asset.merit))
             measured_in_bands += reading.p_kw
         meter = self._meter
         if meter is not None:
@@ -355,6 +372,57 @@ class Controller:
                 continue
             asset.commanded_kvar = target
             asset.driver.set_target_kvar(target)
+
+    def _incapacity(self, requested_kw: float, allocation: Allocation) -> Incapacity | None:
+        """The shortfall to report, or None.  Ramping toward an activation the band
+        covers is not an incapacity: the assets are on their way."""
+        control = self.profile.control
+        threshold = control.incapacity_threshold_kw
+        causes: list[str] = []
+        deliverable = min(max(requested_kw, -allocation.band_down_kw), allocation.band_up_kw)
+        if allocation.limited_by in ("export_limit", "import_limit", "discrete_band"):
+            deliverable = allocation.activation_kw
+        shortfall = abs(requested_kw - deliverable)
+        if shortfall > threshold:
+            cause = allocation.limited_by or "band"
+            if cause == "export_limit" and self.grid_orders.active:
+                cause = "grid_order"
+            causes.append(cause)
+        else:
+            shortfall = 0.0
+        short_up = short_down = 0.0
+        if control.committed_band_up_kw is not None and allocation.band_up_kw < control.committed_band_up_kw - threshold:
+            short_up = control.committed_band_up_kw - allocation.band_up_kw
+            causes.append("committed_band_up")
+        if control.committed_band_down_kw is not None and allocation.band_down_kw < control.committed_band_down_kw - threshold:
+            short_down = control.committed_band_down_kw - allocation.band_down_kw
+            causes.append("committed_band_down")
+        if not causes:
+            return None
+        return Incapacity(tuple(causes), shortfall, short_up, short_down)
+
+    def _incapacity_events(self, incapacity: Incapacity | None) -> None:
+        """``incapacity`` at once when a shortfall starts or its causes change, and when it ends."""
+        previous, self.state.incapacity = self.state.incapacity, incapacity
+        if incapacity is None:
+            if previous is not None:
+                log.info("incapacity ended (was: %s)", ", ".join(previous.causes))
+                self.emit_event("incapacity", None, {"state": "ended", "causes": list(previous.causes)})
+            return
+        if previous is not None and previous.causes == incapacity.causes:
+            return
+        allocation = self.state.allocation
+        log.warning("incapacity: %s, shortfall %.1f kW", ", ".join(incapacity.causes), incapacity.shortfall_kw)
+        self.emit_event("incapacity", None, {
+            "state": "started" if previous is None else "changed",
+            "causes": list(incapacity.causes),
+            "shortfall_kw": round(incapacity.shortfall_kw, 3),
+            "band_shortfall_up_kw": round(incapacity.band_shortfall_up_kw, 3),
+            "band_shortfall_down_kw": round(incapacity.band_shortfall_down_kw, 3),
+            "requested_kw": round(self.state.last_requested_kw, 3),
+            "band_up_kw": round(allocation.band_up_kw, 3) if allocation else None,
+            "band_down_kw": round(allocation.band_down_kw, 3) if allocation else None,
+        })
 
     def _limit_events(self, allocation: Allocation, now: float) -> None:
         kind = allocation.limited_by if allocation.limited_by in ("export_limit", "import_limit") else None

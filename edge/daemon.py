@@ -53,6 +53,8 @@ class Gateway:
                     controllable=asset.controllable and asset.kind != "meter",
                     connection_point=getattr(asset, "connection_point", False),
                     driver=driver,
+                    ramp_kw_per_s=asset.ramp_kw_per_s,
+                    merit=(asset.priority, asset.dispatch_cost_per_mwh),
                 )
             )
         self.uplink: Uplink | None = None

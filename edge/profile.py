@@ -86,6 +86,20 @@ class Control(Strict):
         60.0, description="A setpoint issued (ts) longer ago than this is rejected as stale."
     )
     fallback: Fallback = Field(default_factory=Fallback)
+    allocation: Literal["pro_rata", "merit_order"] = Field(
+        "pro_rata",
+        description="How an activation is shared: pro_rata to each asset's band in the direction asked, or "
+                    "merit_order by asset priority then dispatch cost (equals pro rata).",
+    )
+    committed_band_up_kw: PositiveKw | None = Field(
+        None, description="Upward band the site is committed to offer; less available raises an incapacity event."
+    )
+    committed_band_down_kw: PositiveKw | None = Field(
+        None, description="Downward band the site is committed to offer; less available raises an incapacity event."
+    )
+    incapacity_threshold_kw: Annotated[float, _ranged(0.0, 1_000_000.0)] = Field(
+        0.5, description="A shortfall (activation not delivered, or band below the commitment) counts from this size."
+    )
 
 
 # ------------------------------------------------------------------- uplink

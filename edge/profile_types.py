@@ -41,3 +41,14 @@ class AssetBase(Strict):
     id: Identifier = Field(description="Asset identifier, unique in the site.")
     name: str = ""
     controllable: bool = Field(True, description="Whether the controller may command this asset.")
+    priority: Annotated[int, _ranged(1, 1000)] = Field(
+        100, description="Merit order (control.allocation: merit_order): lower priorities are dispatched first."
+    )
+    dispatch_cost_per_mwh: Annotated[float, _ranged(0.0, 1_000_000.0)] = Field(
+        0.0, description="Merit order among equal priorities: cheaper first (any currency, per MWh of regulation)."
+    )
+    ramp_kw_per_s: Annotated[float, _ranged(0.001, 1_000_000.0)] | None = Field(
+        None, description="How fast the asset changes its power. The controller shares an activation by what each "
+                          "asset reaches by the next cycle; a unit switching on starts at its minimum load. "
+                          "None: as fast as commanded.",
+    )

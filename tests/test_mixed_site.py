@@ -30,36 +30,41 @@ CHARGER_MIN_KW = 6 * 230 * 3 / 1000  # 4.14 kW: 6 A on three phases
 CHARGER_MAX_KW = 16 * 230 * 3 / 1000  # 11.04 kW
 
 
-def mixed_profile(tmp_path: Path, broker_port: int, bess, boiler, ocpp_port: int) -> Profile:
+def mixed_profile(tmp_path: Path, broker_port: int, bess, boiler, ocpp_port: int, control: dict | None = None,
+                  assets: dict[str, dict] | None = None) -> Profile:
+    """The site's profile; ``assets`` adds keys to assets by id (priorities, ramp rates ...)."""
     common = {"driver": "iec104", "host": "127.0.0.1", "connect_timeout_s": 1.0, "command_timeout_s": 1.0}
     chargers = [
         {"id": f"ev-{name}", "kind": "ev_charger", "driver": "ocpp", "charge_point_id": f"CP-{name}",
          "ocpp_version": version, "max_current_a": 16, "deadband_kw": 0.1}
         for name, version in (("16", "1.6"), ("201", "2.0.1"))
     ]
+    site_assets = [
+        {"id": "bess", "kind": "bess", "port": bess.port, "common_address": bess.common_address,
+         "template": "bess-generic", "max_charge_kw": 20, "max_discharge_kw": 20, **common},
+        {"id": "boiler", "kind": "p2h", "port": boiler.port, "common_address": boiler.common_address,
+         "template": "electric-boiler", "min_load_kw": BOILER_MIN_KW, "max_load_kw": BOILER_MAX_KW,
+         "storage_temp_max_c": 95, **common},
+        *chargers,
+    ]
     return Profile.model_validate({
         "site": {"id": SITE},
-        "control": {"cycle_s": CYCLE_S},
+        "control": {"cycle_s": CYCLE_S, **(control or {})},
         "uplink": {"mqtt": {"host": "127.0.0.1", "port": broker_port},
                    "spool": {"path": str(tmp_path / "spool.sqlite"), "max_mb": 16}},
         "ocpp": {"host": "127.0.0.1", "port": ocpp_port, "authorize": {"mode": "accept_all"},
                  "id_tag_salt_file": str(tmp_path / "salt")},
-        "assets": [
-            {"id": "bess", "kind": "bess", "port": bess.port, "common_address": bess.common_address,
-             "template": "bess-generic", "max_charge_kw": 20, "max_discharge_kw": 20, **common},
-            {"id": "boiler", "kind": "p2h", "port": boiler.port, "common_address": boiler.common_address,
-             "template": "electric-boiler", "min_load_kw": BOILER_MIN_KW, "max_load_kw": BOILER_MAX_KW,
-             "storage_temp_max_c": 95, **common},
-            *chargers,
-        ],
+        "assets": [{**asset, **(assets or {}).get(asset["id"], {})} for asset in site_assets],
     })
 
 
 class MixedSite:
     """Simulators, gateway and VPP for one test; ``async with`` starts and stops them all."""
 
-    def __init__(self, tmp_path: Path, broker_port: int, bess_spec=None):
+    def __init__(self, tmp_path: Path, broker_port: int, bess_spec=None, control: dict | None = None,
+                 assets: dict[str, dict] | None = None):
         self.tmp_path, self.broker_port = tmp_path, broker_port
+        self.control, self.asset_settings = control, assets
         self.bess_spec = bess_spec or BessSpec(max_charge_kw=20, max_discharge_kw=20, soc_pct=50)
         self.stack = AsyncExitStack()
 
@@ -69,7 +74,8 @@ class MixedSite:
         boiler_spec = P2hSpec(min_load_kw=BOILER_MIN_KW, max_load_kw=BOILER_MAX_KW, storage_temp_c=50, draw_kw=0)
         self.boiler = (await stack.enter_async_context(P2hSimulator([boiler_spec]))).units[0]
         ocpp_port = free_port()
-        profile = mixed_profile(self.tmp_path, self.broker_port, self.bess, self.boiler, ocpp_port)
+        profile = mixed_profile(self.tmp_path, self.broker_port, self.bess, self.boiler, ocpp_port, self.control,
+                                self.asset_settings)
         self.gateway = await stack.enter_async_context(running_gateway(profile))
         self.vpp = await stack.enter_async_context(VppSimulator("127.0.0.1", self.broker_port, "flexedge", SITE))
         stations = [StationSpec("CP-16", "1.6", max_current_a=16, meter_interval_s=0.2),

@@ -100,9 +100,6 @@ class Iec104Asset(AssetBase):
     max_discharge_kw: PositiveKw | None = Field(None, description="BESS: rated discharge power (required for bess).")
     min_load_kw: PositiveKw = Field(0.0, description="P2H: minimum load while running (a min_load point overrides it).")
     max_load_kw: PositiveKw | None = Field(None, description="P2H: rated consumption (required for p2h).")
-    ramp_kw_per_s: Annotated[float, _ranged(0.001, 1_000_000.0)] | None = Field(
-        None, description="P2H: the unit's ramp rate, reported in the reading's detail."
-    )
     soc_min_pct: Percent = Field(5.0, description="BESS: no discharge at or below this state of charge.")
     soc_max_pct: Percent = Field(95.0, description="BESS: no charge at or above this state of charge.")
     storage_temp_max_c: Annotated[float, _ranged(-50.0, 1000.0)] | None = Field(
