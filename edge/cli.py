@@ -28,6 +28,11 @@ def _load_or_report(path: str):
 
 
 def _describe_transport(asset) -> str:
+    if asset.driver == "iec104":
+        template = f", template {asset.template}" if asset.template else ""
+        return f"tcp {asset.host}:{asset.port} CA {asset.common_address}{template}"
+    if asset.driver == "ocpp":
+        return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}"
     if getattr(asset, "serial", None) is not None:
         s = asset.serial
         return f"rtu {s.port} {s.baudrate} {s.bytesize}{s.parity}{s.stopbits} unit {asset.unit_id}"
@@ -52,8 +57,18 @@ def summary(profile) -> str:
         f"topics {mqtt.topic_prefix}/{profile.site.id}/..., client id {profile.client_id}",
         f"spool    {spool.path} (cap {spool.max_mb:g} MB, backlog {spool.backlog_msgs_per_s:g} msg/s)",
         f"grid     export limit {_kw(grid.export_limit_kw)}, import limit {_kw(grid.import_limit_kw)}",
-        f"assets   {len(profile.assets)}",
     ]
+    if grid.deie is not None:
+        deie = grid.deie
+        lines.append(f"deie     {deie.role} {deie.host}:{deie.port} CA {deie.common_address}, template {deie.template}, "
+                     f"installed {deie.installed_kw:g} kW, limits in {deie.limit_unit}, on link loss {deie.on_link_loss}")
+    if profile.ocpp is not None:
+        ocpp = profile.ocpp
+        scheme = "ws" if ocpp.security_profile == 1 else "wss"
+        tags = f" ({len(ocpp.authorize.id_tags)} tags)" if ocpp.authorize.mode == "local_list" else ""
+        lines.append(f"ocpp     {scheme}://{ocpp.host}:{ocpp.port}{ocpp.path}/<charge point id>, security profile "
+                     f"{ocpp.security_profile}, authorize {ocpp.authorize.mode}{tags}")
+    lines.append(f"assets   {len(profile.assets)}")
     for asset in profile.assets:
         flags = []
         if not asset.controllable:
@@ -91,6 +106,9 @@ def machine_warnings(profile) -> list[str]:
     spool_dir = Path(profile.uplink.spool.path).parent
     if not spool_dir.is_dir():
         warnings.append(f"uplink.spool.path: folder {spool_dir} does not exist (systemd creates /var/lib/flexedge)")
+    if profile.ocpp is not None and not Path(profile.ocpp.id_tag_salt_file).parent.is_dir():
+        warnings.append(f"ocpp.id_tag_salt_file: folder {Path(profile.ocpp.id_tag_salt_file).parent} does not exist "
+                        "(systemd creates /var/lib/flexedge)")
     for index, asset in enumerate(profile.assets):
         serial = getattr(asset, "serial", None)
         if serial is not None and not Path(serial.port).exists():
@@ -134,7 +152,8 @@ def cmd_demo(args) -> int:
     from edge.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level if args.log_level != "info" else "warning")
-    return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir, broker_choice=args.broker))
+    return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir,
+                                broker_choice=args.broker, deie_script=args.deie_script))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,12 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the profile's JSON Schema")
     schema.set_defaults(func=cmd_schema)
 
+    from edge.demo_sites import DEFAULT_DEIE_SCRIPT
+
     demo = sub.add_parser("demo", help="run the demo site on bundled simulators")
     demo.add_argument("--profile", default=str(Path(__file__).resolve().parent.parent / "profiles" / "demo.yaml"))
     demo.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     demo.add_argument("--workdir", default=None, help="where the demo keeps its spool (default: a temporary folder)")
     demo.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
                       help="MQTT broker: a private Mosquitto if installed (auto), or the embedded one")
+    demo.add_argument("--deie-script", default=None, metavar="SCRIPT",
+                      help="the grid operator's DEIE orders, simulators.deie script format, seconds from the VPP's "
+                           f"start (default: {DEFAULT_DEIE_SCRIPT}; \"\" sends none)")
     logging_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

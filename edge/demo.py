@@ -2,9 +2,11 @@
 
 Starts, on loopback and in one process: an MQTT broker (a private Mosquitto when
 one is installed, else the embedded broker), a simulated device for every asset
-of the profile, the VPP simulator sending step activations, and the gateway
-itself.  Every cycle it prints what the VPP sees on the wire: the setpoint, the
-site's power and each asset's power.
+of the profile (``edge.demo_sites``), the gateway itself, then the VPP simulator
+sending step activations and, when the profile has a DEIE link, the grid
+operator sending an export limit part-way through.  Every cycle it prints what
+the VPP sees on the wire: the setpoint, the site's power, the grid operator's
+order in force and each asset's power.
 """
 
 from __future__ import annotations
@@ -21,33 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge.demo_sites import DEFAULT_DEIE_SCRIPT, SimulatedSite, play_deie
 from edge.profile import Profile, ProfileError, load_profile
 
 log = logging.getLogger("flexedge.demo")
 
-# How the demo's devices behave (what a real site's devices would decide).
-DEMO_DEVICES: dict[str, dict[str, Any]] = {
-    "pv-roof": {"kind": "pv", "rated_kw": 30.0, "sun_kw": 24.0},
-    "pv-carport": {"kind": "pv", "rated_kw": 20.0, "sun_kw": 14.0, "models": (1, 103, 120, 121, 123)},
-    "bess-1": {"kind": "storage", "rated_kw": 25.0, "capacity_kwh": 50.0, "soc_pct": 60.0},
-    "meter-poc": {"kind": "meter", "load_kw": 12.0},
-}
-SIM_KIND = {"pv": "pv", "bess": "storage", "meter": "meter"}
 VPP_AMPLITUDE_KW = 15.0
 VPP_STEP_S = 10.0
-
-
-def device_specs(profile: Profile) -> list[Any]:
-    from simulators.sunspec import DeviceSpec
-
-    specs = []
-    for asset in profile.assets:
-        if asset.driver != "sunspec" or asset.host is None:
-            continue
-        settings = dict(DEMO_DEVICES.get(asset.id, {"kind": SIM_KIND[asset.kind]}))
-        base = 40000 if asset.base_address == "auto" else asset.base_address
-        specs.append(DeviceSpec(port=asset.port, unit_id=asset.unit_id, base_address=base, **settings))
-    return specs
+READY_TIMEOUT_S = 20.0  # the VPP starts when every asset answers and the EVs charge, or after this
+# Events the screen leaves out: start-up chatter, and DEIE orders, which the
+# operator's confirmation and the DEIE column already show.
+QUIET_EVENTS = {"gateway_started", "models_discovered", "grid_order_received", "deie_order_applied",
+                "grid_order_applied"}
 
 
 class MosquittoProcess:
@@ -95,20 +82,44 @@ def _broker(profile: Profile, workdir: Path, choice: str = "auto"):
 def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "   -  "
+    if abs(value) < 0.05:
+        value = 0.0  # not "-0.0": an idle device is neither exporting nor importing
     return f"{value:+6.1f}" if signed else f"{value:6.1f}"
+
+
+def _grid_order_text(orders: dict[str, Any] | None) -> str:
+    """The DEIE column: the export limit in force, OFF when disconnected, - when none."""
+    if not orders:
+        return "-"
+    if orders.get("disconnected"):
+        return "OFF"
+    limit = orders.get("export_limit_kw")
+    return "-" if limit is None else f"{limit:.1f}"
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    detail = event.get("detail") or {}
+    # The asset id is shown already; a charger's id is in its asset's profile entry.
+    items = ", ".join(f"{key}={value}" for key, value in detail.items() if value is not None and key != "charge_point_id")
+    return " ".join(part for part in ("event", event.get("type"), event.get("asset_id"), items) if part)
 
 
 class Screen:
     """Prints one line per telemetry message, as the VPP receives it."""
 
-    def __init__(self, asset_ids: list[str], out=sys.stdout):
-        self.asset_ids = asset_ids
+    def __init__(self, assets: list[tuple[str, str]], grid_orders: bool = False, out=sys.stdout):
+        # Room for the state of charge next to a battery's power, and for "offline".
+        self.columns = [(asset_id, kind, max(len(asset_id), 10 if kind == "bess" else 7)) for asset_id, kind in assets]
+        self.grid_orders = grid_orders
         self.out = out
         self.lines = 0
+        self.last_orders: dict[str, Any] | None = None
 
     def header(self) -> None:
-        assets = "".join(f" {a[:11]:>11}" for a in self.asset_ids)
-        print(f"\n{'time':8} {'mode':8} {'request':>8} {'site P':>7} {'target':>7} {'base':>7} |{assets}   (kW, + export)", file=self.out)
+        assets = "".join(f" {asset_id:>{width}}" for asset_id, _, width in self.columns)
+        deie = f" {'DEIE':>6}" if self.grid_orders else ""
+        print(f"\n{'time':8} {'mode':8} {'request':>8} {'site P':>7} {'target':>7} {'base':>7}{deie} |{assets}"
+              "   (kW, + export)", file=self.out)
 
     def telemetry(self, message: dict[str, Any]) -> None:
         if self.lines % 20 == 0:
@@ -116,20 +127,36 @@ class Screen:
         self.lines += 1
         site = message["site"]
         cells = []
-        for asset_id in self.asset_ids:
+        for asset_id, kind, width in self.columns:
             values = message["assets"].get(asset_id, {})
-            text = _fmt(values.get("p_kw")) if values.get("online") else " offline"
-            if values.get("soc_pct") is not None:
+            text = _fmt(values.get("p_kw")).strip() if values.get("online") else "offline"
+            # A battery's state of charge is the site's flexibility; an EV's would only widen the line.
+            if kind == "bess" and values.get("online") and values.get("soc_pct") is not None:
                 text += f" {values['soc_pct']:.0f}%"
-            cells.append(f" {text:>11}")
+            cells.append(f" {text:>{width}}")
+        orders = message.get("grid_orders")
+        deie = f" {_grid_order_text(orders):>6}" if self.grid_orders else ""
         limited = f"  [{site['limited_by']}]" if site.get("limited_by") else ""
         print(
             f"{message['ts'][11:19]:8} {message['mode']:8} {_fmt(site.get('activation_requested_kw'), True):>8} "
-            f"{_fmt(site.get('p_kw')):>7} {_fmt(site.get('setpoint_kw')):>7} {_fmt(site.get('baseline_kw')):>7} |"
-            + "".join(cells) + limited,
+            f"{_fmt(site.get('p_kw')):>7} {_fmt(site.get('setpoint_kw')):>7} {_fmt(site.get('baseline_kw')):>7}{deie} |"
+            + "".join(cells) + limited + self._order_change(orders),
             file=self.out,
             flush=True,
         )
+
+    def _order_change(self, orders: dict[str, Any] | None) -> str:
+        """Marks the first line on which the grid operator's orders differ from the line before."""
+        previous, self.last_orders = self.last_orders, orders
+        if not self.grid_orders or orders is None or orders == previous:
+            return ""
+        if previous is None and _grid_order_text(orders) == "-":
+            return ""  # the first line, no order in force: nothing has changed
+        if orders.get("disconnected"):
+            return "  << DEIE: disconnection"
+        if orders.get("export_limit_kw") is not None:
+            return f"  << DEIE: export limit {orders['export_limit_kw']:g} kW ({orders.get('source')})"
+        return "  << DEIE: limit lifted"
 
     def note(self, text: str) -> None:
         print(f"          >> {text}", file=self.out, flush=True)
@@ -145,8 +172,8 @@ async def _show(vpp, screen: Screen) -> None:
         shown_telemetry = len(telemetry)
         events = list(vpp.events)
         for event in events[shown_events:]:
-            if event.get("type") not in ("gateway_started", "models_discovered"):
-                screen.note(f"event {event.get('type')} {event.get('asset_id') or ''} {event.get('detail')}")
+            if event.get("type") not in QUIET_EVENTS:
+                screen.note(_event_text(event))
         shown_events = len(events)
         rejected = [a for a in vpp.acks if a.get("status") == "rejected"]
         for ack in rejected[shown_rejections:]:
@@ -154,10 +181,45 @@ async def _show(vpp, screen: Screen) -> None:
         shown_rejections = len(rejected)
 
 
+async def _site_ready(vpp, site: SimulatedSite, asset_ids: list[str], timeout_s: float) -> list[str]:
+    """Wait until the EVs charge and the VPP's latest telemetry has every asset online; the ids still offline."""
+    deadline = time.monotonic() + timeout_s
+    offline = list(asset_ids)
+    while time.monotonic() < deadline:
+        if vpp.telemetry:
+            assets = vpp.telemetry[-1]["assets"]
+            offline = [a for a in asset_ids if not assets.get(a, {}).get("online")]
+            if not offline and site.plugged_in.is_set():
+                return []
+        await asyncio.sleep(0.1)
+    return offline
+
+
+def _demo_profile(profile: Profile, folder: Path) -> Profile:
+    """The profile with everything the gateway writes moved into the demo's folder."""
+    spool = profile.uplink.spool.model_copy(update={"path": folder / "spool.sqlite"})
+    updates: dict[str, Any] = {"uplink": profile.uplink.model_copy(update={"spool": spool})}
+    if profile.ocpp is not None:
+        updates["ocpp"] = profile.ocpp.model_copy(update={"id_tag_salt_file": folder / "ocpp-id-salt"})
+    return profile.model_copy(update=updates)
+
+
+def _describe_deie(script: str, limit_unit: str) -> str:
+    from simulators.deie import parse_script
+
+    unit = "%" if limit_unit == "pct" else " kW"
+    steps = []
+    for at_s, name, args in parse_script(script):
+        if name == "limit":
+            steps.append(f"lifts it at {at_s:g} s" if args[0].lower() == "none" else f"limits export to {args[0]}{unit} at {at_s:g} s")
+        else:
+            steps.append(f"{':'.join([name, *args])} at {at_s:g} s")
+    return "grid operator (DEIE) " + ", ".join(steps) if steps else "no DEIE orders"
+
+
 async def run_demo(profile_path: Path, duration_s: float | None = None, workdir: str | None = None,
-                   broker_choice: str = "auto") -> int:
+                   broker_choice: str = "auto", deie_script: str | None = None) -> int:
     from edge.daemon import Gateway
-    from simulators.sunspec import SunSpecSimulator
     from simulators.vpp import StepsPattern, VppSimulator
 
     try:
@@ -165,11 +227,17 @@ async def run_demo(profile_path: Path, duration_s: float | None = None, workdir:
     except ProfileError as error:
         print(f"{profile_path}:\n{error}", file=sys.stderr)
         return 2
+    deie = profile.grid.deie
+    deie_script = DEFAULT_DEIE_SCRIPT if deie_script is None else deie_script
+    try:
+        deie_plan = _describe_deie(deie_script, deie.limit_unit) if deie is not None else None
+    except ValueError as error:
+        print(f"demo: --deie-script: {error}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         folder = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flexedge-demo-")))
         folder.mkdir(parents=True, exist_ok=True)
-        spool = profile.uplink.spool.model_copy(update={"path": folder / "spool.sqlite"})
-        profile = profile.model_copy(update={"uplink": profile.uplink.model_copy(update={"spool": spool})})
+        profile = _demo_profile(profile, folder)
         mqtt = profile.uplink.mqtt
         try:
             broker_name, broker = _broker(profile, folder, broker_choice)
@@ -181,29 +249,42 @@ async def run_demo(profile_path: Path, duration_s: float | None = None, workdir:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        specs = device_specs(profile)
-        print(f"flexedge demo: site {profile.site.id}, {len(specs)} simulated SunSpec devices, {broker_name} on "
-              f"{mqtt.host}:{mqtt.port}, VPP steps of {VPP_AMPLITUDE_KW:g} kW every {VPP_STEP_S:g} s; "
-              f"cycle {profile.control.cycle_s:g} s.  Ctrl-C stops.", flush=True)
+        site = SimulatedSite(profile)
+        print(f"flexedge demo: site {profile.site.id}, {site.describe()}, {broker_name} on {mqtt.host}:{mqtt.port}; "
+              f"cycle {profile.control.cycle_s:g} s.\nOnce every asset answers: VPP steps of {VPP_AMPLITUDE_KW:g} kW "
+              f"every {VPP_STEP_S:g} s" + (f"; {deie_plan} (s from the VPP's start)" if deie_plan else "")
+              + ".  Ctrl-C stops.", flush=True)
         try:
-            async with broker, SunSpecSimulator(specs) as _sim:
+            async with broker, site:
                 gateway_task = asyncio.create_task(Gateway(profile).run(stop))
                 vpp = VppSimulator(mqtt.host, mqtt.port, mqtt.topic_prefix, profile.site.id,
                                    pattern=StepsPattern(VPP_AMPLITUDE_KW, step_s=VPP_STEP_S),
                                    cadence_s=profile.control.cycle_s, valid_s=max(4.0, 3 * profile.control.cycle_s))
                 async with vpp:
-                    screen = Screen([a.id for a in profile.assets])
+                    screen = Screen([(a.id, a.kind) for a in profile.assets], grid_orders=deie is not None)
                     shower = asyncio.create_task(_show(vpp, screen))
-                    # Let the gateway discover its devices before the VPP starts asking.
-                    await asyncio.sleep(2 * profile.control.cycle_s)
-                    runner = asyncio.create_task(vpp.run())
-                    waiters = [asyncio.create_task(stop.wait()), gateway_task]
-                    await asyncio.wait(waiters, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED)
-                    runner.cancel()
-                    await asyncio.sleep(0.3)
+                    # Let the gateway find its devices and the EVs start charging before the VPP
+                    # asks: its baselines are then the site's real ones.
+                    ready = asyncio.create_task(_site_ready(vpp, site, [a.id for a in profile.assets], READY_TIMEOUT_S))
+                    await asyncio.wait([ready, asyncio.create_task(stop.wait()), gateway_task],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if ready.done() and ready.result():
+                        screen.note(f"still offline after {READY_TIMEOUT_S:g} s: {', '.join(ready.result())}; the VPP starts anyway")
+                    ready.cancel()
+                    vpp_and_operator = []
+                    if not stop.is_set() and not gateway_task.done():
+                        screen.note("the VPP starts" + (" (the DEIE orders' times count from here)" if deie_plan else ""))
+                        vpp_and_operator.append(asyncio.create_task(vpp.run()))
+                        if deie is not None and deie_script:
+                            vpp_and_operator.append(asyncio.create_task(play_deie(deie, deie_script, screen.note)))
+                        await asyncio.wait([asyncio.create_task(stop.wait()), gateway_task], timeout=duration_s,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    for task in vpp_and_operator:
+                        task.cancel()
+                    await asyncio.sleep(0.3)  # the last telemetry reaches the screen
                     shower.cancel()
                     stop.set()
-                    await asyncio.gather(runner, shower, return_exceptions=True)
+                    await asyncio.gather(shower, *vpp_and_operator, return_exceptions=True)
                     await gateway_task
                     print(f"\n{vpp.format_report()}", flush=True)
         except OSError as error:

@@ -17,21 +17,49 @@ from conftest import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
+DEMO_ASSETS = ["pv-roof", "pv-carport", "bess-1", "bess-2", "boiler-1", "cp16-1", "cp16-2", "cp201-1", "cp201-2",
+               "meter-poc"]
+CHARGERS = [asset for asset in DEMO_ASSETS if asset.startswith("cp")]
+
+
+def _cell(header: str, line: str, asset: str) -> str:
+    """An asset's value on a screen line: the cells are right-aligned under the asset's name,
+    so a cell runs from the end of the column before to the end of the name."""
+    start = header.index(f" {asset}")
+    end = start + 1 + len(asset)
+    return line[len(header[:start].rstrip()):end].strip()
+
+
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
 def test_demo_runs_the_site_and_shows_every_cycle(broker, tmp_path):
+    # The grid operator's limit comes and goes before the VPP's first step (at 10 s): a short run shows both.
     result = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "demo", "--duration-s", "14", "--broker", broker, "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "edge.cli", "demo", "--duration-s", "12", "--broker", broker, "--workdir", str(tmp_path),
+         "--deie-script", "limit:5@3,limit:none@8"],
         capture_output=True, text=True, timeout=90, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "flexedge demo: site demo-site" in out and ("Mosquitto" if broker == "mosquitto" else "embedded broker") in out
-    assert "pv-roof" in out and "bess-1" in out and "meter-poc" in out
+    header = next(line for line in out.splitlines() if line.startswith("time "))
+    assert "DEIE" in header and all(f" {asset}" in header for asset in DEMO_ASSETS), header
     lines = [line for line in out.splitlines() if line[:2].isdigit() and line[2] == ":"]
     assert len(lines) >= 5, out  # one line per 2 s cycle
-    assert not any("offline" in line for line in lines[1:]), out
+    assert ">> the VPP starts" in out, out  # once every asset answers: none goes offline after
+    assert not any("offline" in line for line in out.split(">> the VPP starts")[1].splitlines() if line in lines), out
+    last = lines[-1]
+    assert all(float(_cell(header, last, charger)) < 0 for charger in CHARGERS), out  # the EVs charge
+    assert _cell(header, last, "bess-2").endswith("%"), out  # an IEC 104 battery, with its state of charge
+    float(_cell(header, last, "boiler-1"))
+
+    assert "grid operator (DEIE) limits export to 5 kW: positive confirmation" in out
+    assert "grid operator (DEIE) lifts the limit: positive confirmation" in out
+    in_force = [line for line in lines if line.split()[6] == "5.0"]  # the DEIE column
+    assert in_force and "<< DEIE: export limit 5 kW" in in_force[0], out
+    assert any(float(line.split()[3]) <= 5.05 for line in in_force), out  # the site came down to the limit
+    assert any("<< DEIE: limit lifted" in line for line in lines), out
     assert "acks" in out and "0 rejected" in out  # the VPP's closing report
-    assert (tmp_path / "spool.sqlite").exists()
+    assert (tmp_path / "spool.sqlite").exists() and (tmp_path / "ocpp-id-salt").exists()
 
 
 def test_run_logs_json_lines_on_request(tmp_path):

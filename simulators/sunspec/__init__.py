@@ -17,7 +17,7 @@ Quick start (on the caller's event loop)::
 CLI: ``python -m simulators.sunspec --help``, e.g.
 ``python -m simulators.sunspec --kind pv --rated-kw 10 --port 1502 --count 3``
 (ports 1502-1504), ``--base-address 0``, ``--unit-id 3``, ``--no-704``,
-``--serial /dev/pts/5``.  Every write received is logged.
+``--serial /dev/pts/5``, ``--frequency-hz 49.8``, ``--voltage-v 245``.  Every write received is logged.
 
 ``DeviceSpec`` (dataclass; invalid values raise ValueError naming the field)
 ---------------------------------------------------------------------------
@@ -118,7 +118,9 @@ gives a point's Modbus address; ``image.get(model, point)`` a scaled value).
 ``await next_write(point=None, model_id=None, timeout_s=5.0, after_s=None, where=None)``: the
 earliest record at or after monotonic ``after_s`` (default: call time) matching point, model and
 ``where(record)`` (e.g. ``lambda r: r.raw == 0``), waiting up to ``timeout_s`` (TimeoutError).
-Controls: ``set_grid(voltage_v=None, frequency_hz=None)``, ``set_sun(kw | None)``, ``set_load(kw)``,
+Controls: ``set_grid(voltage_v=None, frequency_hz=None)`` (None leaves a value; reported from the next
+read by 101-103/111-113 ``PhVphA..C`` and ``Hz``, 701 ``LNV`` and ``Hz``, meters ``PhV``, ``PhVphA..C``
+and ``Hz``), ``set_sun(kw | None)``, ``set_load(kw)``,
 ``set_soc(pct)``, ``set_silent(bool)`` (requests are not processed and get no reply: clients time
 out), ``set_fault("silent" | "garbage" | "busy" | None)`` ("garbage": replies are random bytes of
 the right length; "busy": exception 6), ``await replace_models(models, base_address=None)``

@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--soc-pct", type=float, default=50.0, help="initial state of charge (default 50)")
     parser.add_argument("--ramp-pct-per-s", type=float, default=100.0, help="output ramp, %% of rating per s")
     parser.add_argument("--load-kw", type=float, default=0.0, help="meter: site consumption in kW")
+    parser.add_argument("--voltage-v", type=float, default=230.0, help="reported line-to-neutral voltage (default 230)")
+    parser.add_argument("--frequency-hz", type=float, default=50.0, help="reported grid frequency (default 50)")
     parser.add_argument("--serial", help="serve Modbus RTU on this serial device instead of TCP (all devices share it)")
     parser.add_argument("--baudrate", type=int, default=19200, help="RTU baud rate (default 19200)")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not log each write")
@@ -58,6 +60,8 @@ def build_specs(args: argparse.Namespace) -> list[DeviceSpec]:
                 soc_pct=args.soc_pct,
                 ramp_pct_per_s=args.ramp_pct_per_s,
                 load_kw=args.load_kw,
+                voltage_v=args.voltage_v,
+                frequency_hz=args.frequency_hz,
                 port=0 if args.serial else args.port + index,
                 serial_port=args.serial,
                 baudrate=args.baudrate,
