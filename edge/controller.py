@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edge.allocation import Allocation, AssetBand, allocate
+from edge.fcr import FcrDroop
+from edge.qu import QuDroop
 from edge.asset import AssetDriver, AssetReading, EventSink
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
 from edge.health import CycleStats
@@ -29,6 +31,8 @@ from edge.setpoints import Setpoint, SetpointRejected, SetpointValidator, iso_ti
 log = logging.getLogger("flexedge.control")
 
 TARGET_DEADBAND_KW = 0.001  # a change smaller than this is not re-sent to a device
+RELEASE_SETTLE_CYCLES = 5  # a released device is taken to be back at its own power after this long
+RELEASE_SETTLE_MIN_S = 10.0
 
 # Publishes a message on a spooled stream ("telemetry", "events") without blocking.
 Publish = Callable[[str, dict[str, Any]], None]
@@ -47,6 +51,11 @@ class ControlledAsset:
     ramp_kw_per_s: float | None = None  # None: reaches any target by the next cycle
     merit: tuple[float, float] = (100, 0.0)  # (priority, dispatch cost): merit order, lower first
     frozen_baseline_kw: float | None = None
+    # After a release the device takes a while to return to its own power; a new
+    # activation in that time starts from the baseline it had, not from a
+    # reading still carrying the old activation.
+    released_baseline_kw: float | None = None
+    released_until_mono: float = 0.0
     commanded_kw: float | None = None  # the last target sent; None = released
     commanded_kvar: float | None = None  # the last reactive-power target sent; None = released
     was_online: bool | None = None
@@ -109,6 +118,10 @@ class Controller:
         self.last_telemetry: dict[str, Any] | None = None
         self.validator = SetpointValidator(profile.control)
         self._meter = next((a for a in assets if a.connection_point), None)
+        functions = profile.functions
+        self.fcr = FcrDroop(functions.fcr) if functions and functions.fcr else None
+        self.qu = QuDroop(functions.q_u) if functions and functions.q_u else None
+        self._function_problems: dict[str, str | None] = {"fcr": None, "q_u": None}
 
     # ----------------------------------------------------------- setpoints
 
@@ -189,6 +202,8 @@ class Controller:
         self._track_online(readings)
 
         requested = self._requested_activation(now, dt)
+        if self.fcr is not None:
+            requested += self._fcr_activation(readings, mono, now)
         bands, uncontrolled_kw = self._bands(readings, freeze=requested != 0.0 or state.active)
         grid = self.profile.grid
         export_limit_kw = effective_export_limit_kw(grid.export_limit_kw, self.grid_orders)
@@ -201,10 +216,16 @@ class Controller:
         now_active = requested != 0.0 or limit_binding or any(abs(allocation.targets_kw[b.asset_id] - b.baseline_kw) > TARGET_DEADBAND_KW for b in bands)
         if now_active and not state.active:
             for band in bands:
-                self._asset(band.asset_id).frozen_baseline_kw = band.baseline_kw
+                asset = self._asset(band.asset_id)
+                if asset.frozen_baseline_kw is None:
+                    asset.frozen_baseline_kw = band.baseline_kw
         state.active = now_active
         if not now_active:
+            settle_s = max(RELEASE_SETTLE_CYCLES * self.profile.control.cycle_s, RELEASE_SETTLE_MIN_S)
             for asset in self.assets:
+                if asset.frozen_baseline_kw is not None:
+                    asset.released_baseline_kw = asset.frozen_baseline_kw
+                    asset.released_until_mono = mono + settle_s
                 asset.frozen_baseline_kw = None
 
         self._write(allocation, release=not now_active)
@@ -271,9 +292,11 @@ class Controller:
                 if usable:
                     uncontrolled += reading.p_kw
                 continue
+            settling = asset.released_baseline_kw is not None and time.monotonic() < asset.released_until_mono
+            own_power = asset.released_baseline_kw if settling else reading.p_kw
             if freeze and asset.frozen_baseline_kw is None:
-                asset.frozen_baseline_kw = reading.p_kw
-            baseline = asset.frozen_baseline_kw if freeze else reading.p_kw
+                asset.frozen_baseline_kw = own_power
+            baseline = asset.frozen_baseline_kw if freeze else own_power
             p_min, p_max = self._range(asset, reading, baseline)
             if self.grid_orders.disconnected:
                 # Decoupling ordered by the grid operator: nothing on site may produce.
@@ -324,19 +347,59 @@ class Controller:
             asset.commanded_kw = target
             asset.driver.set_target_kw(target)
 
+    def _fcr_activation(self, readings: dict[str, AssetReading], mono: float, now: float) -> float:
+        """The FCR droop's activation from its frequency source; a bad measurement is an event."""
+        fcr = self.fcr
+        reading = readings.get(fcr.config.frequency_source)
+        frequency = reading.frequency_hz if reading is not None and reading.online else None
+        measured_at = mono - max(0.0, now - reading.read_at) if reading is not None and reading.online else None
+        activation = fcr.update(frequency, mono, measured_at)
+        self._function_state("fcr", fcr.measurement_problem if not fcr.measurement_ok else None,
+                             fcr.config.frequency_source)
+        return activation
+
+    def _qu_request_kvar(self, readings: dict[str, AssetReading]) -> float | None:
+        qu = self.qu
+        reading = readings.get(qu.config.voltage_source)
+        mono, now = time.monotonic(), time.time()
+        voltage = reading.voltage_v if reading is not None and reading.online else None
+        measured_at = mono - max(0.0, now - reading.read_at) if reading is not None and reading.online else None
+        request = qu.update(voltage, mono, measured_at)
+        self._function_state("q_u", qu.measurement_problem if not qu.measurement_ok else None, qu.config.voltage_source)
+        return request
+
+    def _function_state(self, function: str, problem: str | None, source: str) -> None:
+        """``local_function`` events when a function's measurement goes bad and when it is good again."""
+        previous = self._function_problems[function]
+        if (problem is None) == (previous is None):
+            self._function_problems[function] = problem
+            return
+        self._function_problems[function] = problem
+        if problem is not None:
+            log.warning("%s: measurement from %s unusable: %s", function, source, problem)
+        self.emit_event("local_function", source, {
+            "function": function, "measurement_ok": problem is None, "problem": problem,
+        })
+
     def _share_reactive(self, readings: dict[str, AssetReading], allocation: Allocation) -> ReactiveShare | None:
-        """The grid operator's Q or tan(phi) order, shared pro rata to each asset's reactive rating.
+        """The grid operator's Q or tan(phi) order, else the Q(U) request, shared pro rata to
+        each asset's reactive rating.
 
         tan(phi) = Q / P at the connection point, both in the flexedge signs,
-        with P the site power this cycle's targets give.  Reactive power the
-        controller cannot command (other assets; with a connection-point
-        meter, all the site's) is measured and compensated, as for P.
+        with P the site power this cycle's targets give.  For the grid
+        operator's orders, reactive power the controller cannot command
+        (other assets; with a connection-point meter, all the site's) is
+        measured and compensated, as for P; Q(U) asks the controlled assets
+        for their curve's reactive power, so nothing is compensated.
         """
         orders = self.grid_orders
+        compensate = True
         if orders.reactive_setpoint_kvar is not None:
             requested = orders.reactive_setpoint_kvar
         elif orders.tan_phi is not None:
             requested = orders.tan_phi * allocation.site_kw
+        elif self.qu is not None and (q_u := self._qu_request_kvar(readings)) is not None:
+            requested, compensate = q_u, False
         else:
             return None
         capable: dict[str, float] = {}
@@ -356,6 +419,8 @@ class Controller:
             meter = readings[self._meter.id]
             if meter.online and meter.q_kvar is not None and math.isfinite(meter.q_kvar):
                 uncontrolled = meter.q_kvar - measured_capable
+        if not compensate:
+            uncontrolled = 0.0
         total_capability = sum(capable.values())
         wanted = min(max(requested - uncontrolled, -total_capability), total_capability)
         targets = {asset_id: wanted * q_max / total_capability for asset_id, q_max in capable.items()}
@@ -542,7 +607,22 @@ class Controller:
                 "tan_phi": self.grid_orders.tan_phi,
                 "source": self.grid_orders.source,
             },
+            "functions": self._functions_telemetry(),
             "gateway": self.stats.snapshot(),
+        }
+
+    def _functions_telemetry(self) -> dict[str, Any]:
+        fcr, qu = self.fcr, self.qu
+        return {
+            "fcr": None if fcr is None else {
+                "frequency_hz": _round(fcr.frequency_hz), "deviation_mhz": _round(fcr.deviation_mhz),
+                "target_kw": round(fcr.target_kw, 3), "activation_kw": round(fcr.activation_kw, 3),
+                "measurement_ok": fcr.measurement_ok,
+            },
+            "q_u": None if qu is None else {
+                "voltage_v": _round(qu.voltage_v), "v_pu": _round(qu.v_pu), "request_kvar": _round(qu.request_kvar),
+                "measurement_ok": qu.measurement_ok,
+            },
         }
 
 

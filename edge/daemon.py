@@ -3,7 +3,9 @@
 Every driver runs in its own supervised task: a driver that raises is logged,
 reported upstream and restarted with capped backoff, while the control cycle
 and the other drivers go on.  Telemetry and events pass through one ordered
-outbox to the uplink, which spools each message before sending it.
+outbox to the uplink, which spools each message before sending it; so do the
+1-min consumption and 15-min validation aggregates (edge/aggregates.py), which
+every cycle's telemetry feeds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Awaitable, Callable
 
 from drivers import create_driver
 from edge import __version__
+from edge.aggregates import CONSUMPTION_INTERVAL_S, VALIDATION_INTERVAL_S, Aggregator
 from edge.controller import ControlledAsset, Controller
 from edge.health import CycleStats
 from edge.profile import Profile
@@ -32,7 +35,13 @@ RELEASE_GRACE_S = 1.0  # on shutdown, time given to drivers to release their dev
 
 
 class Gateway:
-    def __init__(self, profile: Profile):
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        aggregate_intervals_s: tuple[float, float] = (CONSUMPTION_INTERVAL_S, VALIDATION_INTERVAL_S),
+    ):
+        """``aggregate_intervals_s`` (consumption, validation) is for tests: the contract is 1 and 15 min."""
         self.profile = profile
         self.stats = CycleStats()
         self.notifier = SystemdNotifier()
@@ -60,6 +69,8 @@ class Gateway:
         self.uplink: Uplink | None = None
         self.controller: Controller | None = None
         self.deie = None  # edge.deie.DeieLink when the profile has grid.deie
+        self.aggregator = Aggregator(profile.site.id, *aggregate_intervals_s)
+        self.aggregator_failures = 0
 
     # ------------------------------------------------------------- events
 
@@ -140,6 +151,9 @@ class Gateway:
             for task in driver_tasks:
                 task.cancel()
             await asyncio.gather(control_task, *driver_tasks, return_exceptions=True)
+            # the intervals in progress go out as partial: the next start reports the rest
+            for stream, payload in self.aggregator.flush(time.time()):
+                self._enqueue(stream, payload)
             await self._flush_outbox(timeout_s=2.0)
             # close() waits for PUBACKs in flight, publishes the shutdown status
             # and ends the uplink's run(); only then are the helpers cancelled.
@@ -155,9 +169,30 @@ class Gateway:
 
     def _after_cycle(self) -> None:
         self.notifier.watchdog()
-        if self.deie is not None and self.controller is not None and self.controller.last_telemetry:
-            site = self.controller.last_telemetry["site"]
-            self.deie.report(site["p_kw"], site["q_kvar"], self._site_voltage_v())
+        telemetry = self.controller.last_telemetry if self.controller is not None else None
+        if not telemetry:
+            return
+        site_voltage_v = self._site_voltage_v()
+        if self.deie is not None:
+            site = telemetry["site"]
+            self.deie.report(site["p_kw"], site["q_kvar"], site_voltage_v)
+        self._aggregate(telemetry, site_voltage_v)
+
+    def _aggregate(self, telemetry: dict[str, Any], site_voltage_v: float | None) -> None:
+        """Feed the cycle's telemetry to the aggregator; queue the intervals it closed (spooled by the publisher)."""
+        asset_voltages_v = {}
+        for asset in self.assets:
+            reading = asset.driver.reading()  # the same snapshot telemetry() took: no await since
+            asset_voltages_v[asset.id] = reading.voltage_v if reading.online else None
+        try:
+            closed = self.aggregator.add(telemetry, site_voltage_v, asset_voltages_v, mono_s=time.monotonic())
+        except Exception:  # noqa: BLE001 -- we run inside the control cycle: a bug here must not stop it
+            self.aggregator_failures += 1
+            if self.aggregator_failures in (1, 10) or self.aggregator_failures % 1000 == 0:
+                log.exception("aggregator failed (%d times so far); control goes on", self.aggregator_failures)
+            return
+        for stream, payload in closed:
+            self._enqueue(stream, payload)
 
     def _site_voltage_v(self) -> float | None:
         """The connection-point meter's voltage, else the first asset that measures one."""

@@ -109,6 +109,28 @@ class GridOrdersValues(Contract):
     source: str = Field(description="Where the orders come from: none, deie, link_loss_default.")
 
 
+class FcrValues(Contract):
+    frequency_hz: Kw = Field(description="The measured frequency used; null while the measurement is unusable.")
+    deviation_mhz: Kw = Field(description="frequency - nominal, mHz.")
+    target_kw: float = Field(description="The static droop response to that frequency, + upward.")
+    activation_kw: float = Field(description="The FCR activation in force (rate-limited), added to the FRR activation.")
+    measurement_ok: bool
+
+
+class QuValues(Contract):
+    voltage_v: Kw = Field(description="The measured voltage used, line-to-neutral; null while unusable.")
+    v_pu: Kw
+    request_kvar: Kw = Field(description="The curve's reactive-power request, + over-excited; null: none (released).")
+    measurement_ok: bool
+
+
+class FunctionsValues(Contract):
+    """The local grid functions that are enabled; null: off."""
+
+    fcr: FcrValues | None
+    q_u: QuValues | None
+
+
 class Telemetry(Contract):
     """`<prefix>/<site>/telemetry`: one per control cycle, spooled."""
 
@@ -121,6 +143,7 @@ class Telemetry(Contract):
     site: SiteValues
     assets: dict[str, AssetValues]
     grid_orders: GridOrdersValues
+    functions: FunctionsValues
     gateway: GatewayHealth
 
 
@@ -133,6 +156,70 @@ class Event(Contract):
     type: str = Field(description="See the table of event types in docs/mqtt-api.md.")
     asset_id: str | None
     detail: dict[str, Any]
+
+
+class IntervalPower(Contract):
+    """Active power over one interval (site or asset); see "Interval aggregates" in docs/mqtt-api.md."""
+
+    p_mean_kw: Kw = Field(description="Time-weighted mean active power over the covered time, + export; null: nothing covered.")
+    p_min_kw: Kw = Field(description="Lowest power: samples in the interval and the interpolated value at its edges.")
+    p_max_kw: Kw = Field(description="Highest power, likewise.")
+    energy_import_kwh: float | None = Field(
+        ge=0, description="Energy imported from the grid (negative power) in the covered time, >= 0; null: nothing covered."
+    )
+    energy_export_kwh: float | None = Field(ge=0, description="Energy exported (positive power) in the covered time, >= 0.")
+    samples: int = Field(ge=0, description="Control cycles in the interval with a valid active power.")
+    samples_missing: int = Field(ge=0, description="Control cycles in the interval without one (offline, unknown, not finite).")
+    coverage_pct: float = Field(
+        ge=0, le=100, description="Share of the interval between valid samples at most 3.5 cycles apart; the rest is a gap."
+    )
+
+
+class AssetIntervalPower(IntervalPower):
+    kind: str | None
+
+
+class IntervalValidation(IntervalPower):
+    baseline_mean_kw: Kw = Field(description="Time-weighted mean baseline (power without activation).")
+    activation_mean_kw: Kw = Field(description="Time-weighted mean activation delivered, + upward.")
+    voltage_mean_v: Kw = Field(description="Time-weighted mean voltage, V; null: not measured.")
+    voltage_coverage_pct: float = Field(ge=0, le=100, description="Share of the interval with a known voltage.")
+
+
+class AssetIntervalValidation(IntervalValidation):
+    kind: str | None
+
+
+class ConsumptionData(Contract):
+    """`<prefix>/<site>/consumption`: one per whole UTC minute, spooled (MAESHA IE-02-01)."""
+
+    seq: int = Field(ge=1, description="Rises by one per message, across restarts; its own counter.")
+    ts: str = Field(description="When the gateway closed the interval, ISO 8601 UTC.")
+    site_id: str
+    interval_start: str = Field(description="Start of the interval (included), ISO 8601 UTC, on a whole minute.")
+    interval_end: str = Field(description="End of the interval (excluded).")
+    interval_s: float = Field(gt=0)
+    partial: bool = Field(
+        description="The gateway did not sample across the interval's start or end (started, stopped, clock step, stall)."
+    )
+    site: IntervalPower
+    assets: dict[str, AssetIntervalPower]
+
+
+class ValidationData(Contract):
+    """`<prefix>/<site>/validation`: one per UTC quarter hour, spooled (MAESHA IE-03-01: baseline, P, U)."""
+
+    seq: int = Field(ge=1, description="Rises by one per message, across restarts; its own counter.")
+    ts: str = Field(description="When the gateway closed the interval, ISO 8601 UTC.")
+    site_id: str
+    interval_start: str = Field(description="Start of the interval (included), ISO 8601 UTC, on a quarter hour.")
+    interval_end: str = Field(description="End of the interval (excluded).")
+    interval_s: float = Field(gt=0)
+    partial: bool = Field(
+        description="The gateway did not sample across the interval's start or end (started, stopped, clock step, stall)."
+    )
+    site: IntervalValidation = Field(description="voltage_mean_v: the connection-point meter's, else the first asset's.")
+    assets: dict[str, AssetIntervalValidation]
 
 
 class Status(Contract):
@@ -151,6 +238,8 @@ CONTRACT = {
     "setpoint/ack": SetpointAck,
     "telemetry": Telemetry,
     "events": Event,
+    "consumption": ConsumptionData,
+    "validation": ValidationData,
     "status": Status,
 }
 

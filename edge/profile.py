@@ -27,6 +27,7 @@ from pydantic import (
 
 from drivers.iec104.config import Iec104Asset
 from edge.deie_config import DeieConfig
+from edge.functions_config import FunctionsConfig
 from drivers.ocpp.config import OcppCharger, OcppServer
 from edge.yamlsource import ProfileProblem, YamlDocument, load_yaml
 
@@ -250,6 +251,9 @@ class Profile(Strict):
     ocpp: OcppServer | None = Field(
         None, description="The site's OCPP central system (one websocket server for all `driver: ocpp` chargers)."
     )
+    functions: FunctionsConfig | None = Field(
+        None, description="Local grid functions run on site from local measurements: FCR droop, Q(U)."
+    )
     assets: list[Asset] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -261,6 +265,8 @@ class Profile(Strict):
             seen.add(asset.id)
         if sum(1 for a in self.assets if getattr(a, "connection_point", False)) > 1:
             raise ValueError("at most one meter may be the connection point")
+        if self.functions is not None:
+            self.functions.check_sources(self.assets)
         return self
 
     @property

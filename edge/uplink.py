@@ -1,4 +1,4 @@
-"""MQTT uplink to the VPP: store-and-forward telemetry and events, setpoints in, status retained.
+"""MQTT uplink to the VPP: store-and-forward telemetry, events and aggregates, setpoints in, status retained.
 
 Topics are ``<prefix>/<site id>/<subtopic>`` (see docs/mqtt-api.md).  The uplink
 
@@ -13,7 +13,8 @@ Topics are ``<prefix>/<site id>/<subtopic>`` (see docs/mqtt-api.md).  The uplink
   "reason": "connection lost"}`` and publishes the birth message (retained, QoS 1,
   ``ts`` refreshed) after every connect, then subscribes to ``setpoint`` (QoS 1);
 * reconnects forever with capped exponential backoff and jitter;
-* spools every telemetry and event message (:class:`edge.spool.Spool`, through
+* spools every message of the ``SPOOLED_STREAMS`` (telemetry, events, the 1-min
+  consumption and 15-min validation aggregates; :class:`edge.spool.Spool`, through
   :func:`asyncio.to_thread`) *before* sending it and deletes it only after the
   broker's PUBACK.  Messages spooled while connected go out at once ("live");
   what was spooled while offline (the backlog) is sent oldest first at
@@ -28,7 +29,7 @@ Public API::
            backoff_max_s=30.0, connect_timeout_s=10.0, ack_timeout_s=20.0,
            backlog_inflight=8, overflow_event_interval_s=60.0)
     await uplink.run()                    # until cancelled or closed; never raises for network trouble
-    seq = await uplink.publish(stream, payload)   # stream "telemetry" | "events"; spool, then send
+    seq = await uplink.publish(stream, payload)   # stream in SPOOLED_STREAMS; spool, then send
     uplink.publish_live(subtopic, payload) # QoS 1, not spooled, dropped while offline (setpoint/ack)
     await uplink.close(timeout_s=2.5)     # flush, retained {"state": "offline", "reason": "shutdown"}, DISCONNECT
     uplink.connected -> bool ; uplink.protocol -> "5" | "3.1.1" | None ; uplink.topic(subtopic) -> str
@@ -69,7 +70,8 @@ __all__ = ["Uplink", "UplinkStats", "SPOOLED_STREAMS", "utc_timestamp"]
 
 LOG = logging.getLogger(__name__)
 
-SPOOLED_STREAMS = ("telemetry", "events")
+# each has its own topic and its own persisted seq counter in the spool
+SPOOLED_STREAMS = ("telemetry", "events", "consumption", "validation")
 _UNSUPPORTED_PROTOCOL_CODES = (1, 0x84)  # 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
 _BACKLOG_BATCH = 100
 _BACKLOG_RESCAN_S = 2.0  # safety net: also look for unsent rows this often while idle

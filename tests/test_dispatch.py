@@ -74,3 +74,33 @@ async def test_a_committed_band_not_available_is_an_incapacity_from_the_start(tm
         assert started[0]["detail"]["state"] == "started"
         assert started[0]["detail"]["causes"] == ["committed_band_down"]
         assert started[0]["detail"]["band_shortfall_down_kw"] == pytest.approx(10.0, abs=0.5)
+
+
+async def test_an_order_right_after_a_release_keeps_the_baselines_of_before(tmp_path, mosquitto):
+    """Devices released a moment ago still carry the old activation: a grid order then must not
+    freeze that as their baseline (it would hold the site low for the whole order)."""
+    from edge.gridorders import GridOrders
+    from simulators.sunspec import DeviceSpec, SunSpecSimulator
+    from simulators.vpp import VppSimulator
+    from tests.test_gateway import SITE, make_profile, online, running_gateway
+
+    # A slow battery: 0.8 kW/s, so 8 kW of activation takes 10 s to undo.
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=12.0), DeviceSpec(kind="storage", rated_kw=8.0, ramp_pct_per_s=10)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5)
+        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "assets online")
+            sent = await vpp.send_setpoint(8.0, valid_s=60)
+            await vpp.wait_ack(sent["id"])
+            await until(lambda: bess.power_kw > 7.9, 15, "battery discharges 8 kW")
+            sent = await vpp.send_setpoint(0.0, valid_s=60)  # released ...
+            await vpp.wait_ack(sent["id"])
+            await until(lambda: gateway.controller.state.active is False, 3, "devices released")
+            assert bess.power_kw > 6.0  # ... but the battery is still on its way back
+            gateway.controller.apply_grid_orders(GridOrders(export_limit_kw=30.0, source="deie"))
+            message = await until(lambda: vpp.telemetry[-1]["grid_orders"]["export_limit_kw"] == 30.0 and vpp.telemetry[-1],
+                                  3, "order in telemetry")
+            assert message["assets"]["storage1"]["baseline_kw"] == pytest.approx(0.0, abs=0.1)
+            assert message["site"]["baseline_kw"] == pytest.approx(12.0, abs=0.2)
+            await until(lambda: abs(bess.power_kw) < 0.1, 15, "battery back at its own power (0 kW)")

@@ -272,7 +272,7 @@ async def test_publish_live_is_dropped_and_counted_while_offline(start_uplink):
     await asyncio.sleep(0.1)
     uplink.publish_live("setpoint/ack", {"id": "x"})
     assert uplink.stats.live_dropped == 1 and not uplink.connected
-    with pytest.raises(ValueError, match="stream must be one of telemetry, events, got 'status'"):
+    with pytest.raises(ValueError, match="stream must be one of telemetry, events, consumption, validation, got 'status'"):
         await uplink.publish("status", {})
 
 
