@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -66,6 +67,19 @@ async def test_bess_setpoint_confirmed_and_reading():
             assert not reading.degraded
             assert "command_failed" not in run.kinds()
             assert run.driver._confirmed_target == 40.0
+
+
+async def test_command_round_trip_reported(caplog):
+    caplog.set_level(logging.DEBUG, logger="flexedge.drivers.iec104.commands")
+    async with BessSimulator([BessSpec(soc_pct=50)]) as sim:
+        async with Running(bess_asset(sim.units[0])) as run:
+            await run.until(lambda r: r.online, what="online")
+            assert run.driver.last_command_s is None
+            run.driver.set_target_kw(-25.0)
+            await run.until(lambda r: run.driver._confirmed_target == -25.0, what="confirmed")
+            assert 0 < run.driver.last_command_s < 2.0
+            [message] = [r.getMessage() for r in caplog.records if r.name == "flexedge.drivers.iec104.commands"]
+            assert message.startswith("bess1: -25.0 kW confirmed in ") and message.endswith(" ms")
 
 
 async def test_bess_soc_limits_shrink_band():

@@ -39,8 +39,11 @@ Public API
         within ``command_timeout_s``.  A confirmed target is not re-sent
         (IEC 104 setpoints latch) except after a reconnect.  None sends 0 kW.
 
-    Diagnostics: ``commands_sent``, ``commands_failed``, ``last_command_s``,
-    ``points`` (merged point map), ``endpoint``.
+    Diagnostics: ``commands_sent``, ``commands_failed``, ``last_command_s``
+    (round trip of the last confirmed command: from handing it to c104 to its
+    confirmation), ``points`` (merged point map), ``endpoint``.  The logger
+    ``flexedge.drivers.iec104.commands`` logs every confirmed command's round
+    trip at DEBUG.
 
 Events: ``asset_online`` / ``asset_offline`` (``reason``, ``endpoint``),
 ``asset_degraded`` (``reason``), ``command_failed`` (``target_kw``,

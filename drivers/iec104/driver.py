@@ -1,16 +1,25 @@
 """The IEC 104 driver task: the gateway as controlling station (c104.Client) of one unit.
 
 See the package docstring (``drivers/iec104/__init__.py``) for the public API.
-c104 runs its own C++ threads; every callback here only parses what it got and
-hands it to the event loop with ``call_soon_threadsafe``.  All driver state is
-touched on the loop only.  Blocking c104 calls (``Point.transmit``, start/stop)
-run in worker threads via ``asyncio.to_thread``.
+c104 runs its own C++ threads and calls back on them, holding the GIL, for every
+frame received.  Those callbacks do as little as they can and wake the event
+loop only when it has something to do: a measured value is stored in the
+latest-values table (a lock guards it; ``reading()`` copies it), the raw-frame
+callback notes when the unit was last heard and hands only confirmations
+(ACT_CON, ACT_TERM) to the loop with ``call_soon_threadsafe``.  With 50 units
+sending every 100 ms, one loop wake-up per frame cost the loop its
+responsiveness and delayed the commands.  All other driver state is touched
+on the loop only.  Blocking c104 calls (``Point.transmit``, start/stop)
+run in worker threads of the driver's own pool (``_blocking``).
 """
 
 # No "from __future__ import annotations": c104 checks callback annotations as objects, not strings.
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import math
+import threading
 import time
 from typing import Any
 
@@ -24,8 +33,23 @@ from drivers.iec104.config import Iec104Asset, PointSpec
 from drivers.iec104.reading import blocking_reason, build_reading, feasible_target_kw
 
 log = logging.getLogger("flexedge.drivers.iec104")
+# One DEBUG line per confirmed command with its round trip; a logger of its own so that a
+# benchmark can switch it on without the rest of the daemon's debug output.
+command_log = logging.getLogger("flexedge.drivers.iec104.commands")
 
 TYPE_ID_C_IC_NA_1 = 100
+
+# c104's blocking calls (a transmit waits for its ACT_CON) wait on the network with the GIL
+# released, and when a setpoint moves every asset, each has one in flight at the same moment.
+# They get a pool of their own so that such a burst neither queues in the loop's default
+# executor (min(32, cores + 4) threads) nor behind the spool's SQLite commits there.
+# Threads are started only as calls overlap, and reused.
+_C104_CALLS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="iec104-call")
+
+
+async def _blocking(call, /, *args, **kwargs):
+    """Run a blocking c104 call in the driver's thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(_C104_CALLS, functools.partial(call, *args, **kwargs))
 
 class LinkDown(Exception):
     """The connection to the unit is not usable; the message says why."""
@@ -50,6 +74,12 @@ def _raw_command_value(spec: PointSpec, raw: float):
         return c104.NormalizedFloat(raw)
     return float(raw)
 
+def _pass_transmit_error(confirmation: asyncio.Future, transmit: asyncio.Future) -> None:
+    """A transmit() that raised (a bug, or c104 refusing a second command) ends the wait for its answer."""
+    if not transmit.cancelled() and transmit.exception() is not None and not confirmation.done():
+        confirmation.set_exception(transmit.exception())
+
+
 class Iec104Driver(AssetDriver):
     def __init__(self, asset: Iec104Asset, cycle_s: float, emit_event: EventSink, *, backoff: Backoff | None = None):
         super().__init__(asset.id, cycle_s, emit_event)
@@ -65,6 +95,8 @@ class Iec104Driver(AssetDriver):
         self._connection: c104.Connection | None = None
         self._remote_points: dict[str, c104.Point] = {}
         self._signal_by_ioa = {spec.ioa: name for name, spec in self.points.items()}
+        # Latest values, written by c104's threads: only under _values_lock.
+        self._values_lock = threading.Lock()
         self._values: dict[str, Any] = {}
         self._bad_quality: set[str] = set()
         self._value_at: float | None = None
@@ -86,16 +118,18 @@ class Iec104Driver(AssetDriver):
         self._transmit: asyncio.Future | None = None
         self.commands_sent = 0
         self.commands_failed = 0
+        self.last_command_s: float | None = None  # round trip of the last confirmed command
 
     # ------------------------------------------------------------ public API
 
     def reading(self) -> AssetReading:
         if not self._online:
             return AssetReading(online=False, detail=self._last_error, read_at=time.time())
-        problems = [f"bad quality on {name}" for name in sorted(self._bad_quality)]
+        values, bad_quality, value_at = self._latest_values()
+        problems = [f"bad quality on {name}" for name in sorted(bad_quality)]
         if self._command_problem:
             problems.append(self._command_problem)
-        reading = build_reading(self.asset, self._values, problems, read_at=self._value_at)
+        reading = build_reading(self.asset, values, problems, read_at=value_at)
         if reading.degraded and not self._degraded_reported:
             self._degraded_reported = True
             self._emit("asset_degraded", {"reason": reading.detail})
@@ -128,7 +162,7 @@ class Iec104Driver(AssetDriver):
         finally:
             client, self._client = self._client, None
             if client is not None:
-                await asyncio.shield(asyncio.to_thread(client.stop))
+                await asyncio.shield(_blocking(client.stop))
 
     # ------------------------------------------------- c104 thread callbacks
 
@@ -139,26 +173,39 @@ class Iec104Driver(AssetDriver):
             pass
 
     def _on_raw(self, connection: c104.Connection, data: bytes) -> None:
-        self._post(self._heard, apdu.parse(data))
+        self._last_heard = time.monotonic()  # a float attribute: one atomic store, read on the loop
+        head = apdu.parse(data)
+        if head is not None and head.cot in (apdu.COT_ACT_CON, apdu.COT_ACT_TERM) \
+                and head.common_address == self.asset.common_address:
+            self._post(self._confirmation, head)
 
     def _on_state(self, connection: c104.Connection, state: c104.ConnectionState) -> None:
         self._post(self._state_is, state)
 
     def _point_callback(self, signal: str):
+        spec = self.points[signal]
+
         def on_receive(point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage) -> c104.ResponseState:
             quality = point.quality
             good = quality is None or bool(getattr(quality, "is_good", True))
-            self._post(self._update, signal, _python_value(point), good)
+            value = _python_value(point)
+            if isinstance(value, float):
+                value = spec.to_flexedge(value) if math.isfinite(value) else None
+            with self._values_lock:
+                self._values[signal] = value
+                (self._bad_quality.discard if good else self._bad_quality.add)(signal)
+                self._value_at = time.time()
             return c104.ResponseState.SUCCESS
 
         return on_receive
 
     # ------------------------------------------------------ on-loop handlers
 
-    def _heard(self, head: apdu.AsduHead | None) -> None:
-        self._last_heard = time.monotonic()
-        if head is None or head.common_address != self.asset.common_address:
-            return
+    def _latest_values(self) -> tuple[dict[str, Any], frozenset[str], float | None]:
+        with self._values_lock:
+            return dict(self._values), frozenset(self._bad_quality), self._value_at
+
+    def _confirmation(self, head: apdu.AsduHead) -> None:
         if head.type_id == TYPE_ID_C_IC_NA_1 and head.cot == apdu.COT_ACT_TERM:
             self._gi_done.set()
         waiter = self._waiters.get((head.ioa, head.cot))
@@ -168,14 +215,6 @@ class Iec104Driver(AssetDriver):
     def _state_is(self, state: c104.ConnectionState) -> None:
         self._state = state
         self._state_changed.set()
-
-    def _update(self, signal: str, value: Any, good: bool) -> None:
-        spec = self.points[signal]
-        if isinstance(value, float):
-            value = spec.to_flexedge(value) if math.isfinite(value) else None
-        self._values[signal] = value
-        (self._bad_quality.discard if good else self._bad_quality.add)(signal)
-        self._value_at = time.time()
 
     # ------------------------------------------------------------ connection
 
@@ -211,10 +250,10 @@ class Iec104Driver(AssetDriver):
         while True:
             try:
                 if self._client is None:
-                    await asyncio.to_thread(self._build_client)
-                    await asyncio.to_thread(self._client.start)  # starts its thread and connects
+                    await _blocking(self._build_client)
+                    await _blocking(self._client.start)  # starts its thread and connects
                 else:
-                    await asyncio.to_thread(self._connection.connect)
+                    await _blocking(self._connection.connect)
                 await self._await_open()
                 self.backoff.reset()
                 self._set_online(True, "connected and interrogated")
@@ -231,7 +270,7 @@ class Iec104Driver(AssetDriver):
                 self._note_failure(f"internal error: {error!r}")
             if self._connection is not None:
                 # Stop c104's own fixed-interval reconnects: the retry schedule is ours.
-                await asyncio.to_thread(self._connection.disconnect)
+                await _blocking(self._connection.disconnect)
             await asyncio.sleep(self.backoff.next_delay())
 
     async def _await_open(self) -> None:
@@ -244,7 +283,7 @@ class Iec104Driver(AssetDriver):
             if self._state == c104.ConnectionState.OPEN_MUTED and time.monotonic() > unmute_at:
                 # Seen with c104 2.2.1: now and then a fresh connection stays muted (no STARTDT).
                 unmute_at = deadline
-                await asyncio.to_thread(self._connection.unmute)
+                await _blocking(self._connection.unmute)
             remaining = min(deadline, unmute_at) - time.monotonic()
             if time.monotonic() >= deadline:
                 raise LinkDown(f"no connection to {self.endpoint} within {self.asset.connect_timeout_s:g} s")
@@ -257,7 +296,7 @@ class Iec104Driver(AssetDriver):
             await asyncio.wait_for(self._gi_done.wait(), max(0.05, deadline - time.monotonic()))
         except TimeoutError:
             # c104's own interrogation did not finish (or was skipped after an unmute): ask again.
-            done = await asyncio.to_thread(self._connection.interrogation, common_address=self.asset.common_address,
+            done = await _blocking(self._connection.interrogation, common_address=self.asset.common_address,
                                            wait_for_response=True)
             if not done:
                 log.warning("%s: general interrogation not confirmed", self.asset_id)
@@ -269,8 +308,10 @@ class Iec104Driver(AssetDriver):
             if self._link_dead:
                 raise LinkDown(self._link_dead)
             self._state_changed.clear()
+            # A state change and a dead link (from _watch_liveness) both set the event: the timeout
+            # is only a safety net, long so that 50 idle drivers do not wake the loop 400 times a second.
             try:
-                await asyncio.wait_for(self._state_changed.wait(), self._check_s)
+                await asyncio.wait_for(self._state_changed.wait(), self.offline_after_s)
             except TimeoutError:
                 pass
 
@@ -289,7 +330,7 @@ class Iec104Driver(AssetDriver):
                     # A quiet unit is not a dead one: a test command (C_TS_TA_1) draws an answer.
                     self._last_probe = now
                     connection = self._connection
-                    await asyncio.to_thread(connection.test, common_address=self.asset.common_address,
+                    await _blocking(connection.test, common_address=self.asset.common_address,
                                             with_time=True, wait_for_response=False)
             elif self._online is None and now - started > self.offline_after_s:
                 self._set_online(False, self._last_error)
@@ -305,8 +346,9 @@ class Iec104Driver(AssetDriver):
             return
         self._online = online
         if not online:
-            self._values.clear()
-            self._bad_quality.clear()
+            with self._values_lock:
+                self._values.clear()
+                self._bad_quality.clear()
             self._fail_waiters()
         self._emit("asset_online" if online else "asset_offline", {"reason": reason, "endpoint": self.endpoint})
 
@@ -336,12 +378,13 @@ class Iec104Driver(AssetDriver):
 
     async def _command(self, target_kw: float | None) -> None:
         spec = self.points["p_setpoint"]
-        blocked = blocking_reason(self.asset, self._values)
+        values, _, _ = self._latest_values()
+        blocked = blocking_reason(self.asset, values)
         if blocked:
             self._command_failed(target_kw, None, f"not sent: {blocked}", {"ioa": spec.ioa, "type": spec.type})
             return
         # Release (None) means "stop": IEC 104 setpoints stay latched in the unit otherwise.
-        value_kw = 0.0 if target_kw is None else feasible_target_kw(self.asset, target_kw, self._values)
+        value_kw = 0.0 if target_kw is None else feasible_target_kw(self.asset, target_kw, values)
         raw = spec.to_raw(value_kw)
         written = {"ioa": spec.ioa, "type": spec.type, "raw": raw, "value_kw": value_kw}
         try:
@@ -353,53 +396,47 @@ class Iec104Driver(AssetDriver):
             # A timed-out transmit still holds the point; c104 allows one command in flight.
             await asyncio.wait({self._transmit}, timeout=self.asset.command_timeout_s)
         loop = asyncio.get_running_loop()
+        # The raw-frame callback resolves these: True positive, False negative; None: the link was lost.
         con = self._waiters[(spec.ioa, apdu.COT_ACT_CON)] = loop.create_future()
         term = self._waiters[(spec.ioa, apdu.COT_ACT_TERM)] = loop.create_future()
         point = self._remote_points["p_setpoint"]
         started = time.monotonic()
         self.commands_sent += 1
         try:
-            self._transmit = asyncio.ensure_future(asyncio.to_thread(self._send_blocking, point, command_value))
+            # Success is read from the ACT_CON frame itself, which reaches the loop before transmit()
+            # returns: transmit() cannot tell a refusal from a timeout, and c104 can take a late ACT_TERM
+            # of an earlier command for this one's answer.  transmit() only holds the point until then.
+            # Few loop callbacks per command on purpose: 50 units are commanded in the same instant.
+            self._transmit = loop.run_in_executor(_C104_CALLS, self._send_blocking, point, command_value)
+            self._transmit.add_done_callback(functools.partial(_pass_transmit_error, con))
             try:
-                accepted = await asyncio.wait_for(asyncio.shield(self._transmit), self.asset.command_timeout_s + 0.5)
+                async with asyncio.timeout(self.asset.command_timeout_s):
+                    accepted = await con
             except TimeoutError:
-                accepted = False
-            if accepted and not (con.done() and not con.cancelled() and con.result()):
-                # c104 can take a late ACT_TERM of an earlier command for this one's confirmation:
-                # only a positive ACT_CON frame for this IOA counts.
-                remaining = self.asset.command_timeout_s - (time.monotonic() - started)
-                try:
-                    accepted = bool(await asyncio.wait_for(asyncio.shield(con), max(0.0, remaining)))
-                except (TimeoutError, asyncio.CancelledError):
-                    accepted = False
-            if not accepted and not con.done():
-                # transmit() can return before the raw-frame callback of the same answer reached the loop.
-                remaining = self.asset.command_timeout_s - (time.monotonic() - started)
-                try:
-                    await asyncio.wait_for(asyncio.shield(con), max(0.05, remaining))
-                except (TimeoutError, asyncio.CancelledError):
-                    pass
-            if not accepted:
-                if con.done() and not con.cancelled() and con.result() is False:
-                    reason = "negative ACT_CON (unit refused the setpoint)"
-                elif self._state != c104.ConnectionState.OPEN:
+                accepted = None
+                reason = f"no ACT_CON within {self.asset.command_timeout_s:g} s"
+            else:
+                reason = "negative ACT_CON (unit refused the setpoint)" if accepted is False else "link lost"
+            if accepted is not True:
+                if self._state != c104.ConnectionState.OPEN:
                     reason = f"link down ({self._state.name})"
-                else:
-                    reason = f"no ACT_CON within {self.asset.command_timeout_s:g} s"
                 self._command_failed(target_kw, value_kw, reason, written)
                 return
             if self.asset.confirm == "act_term":
                 remaining = self.asset.command_timeout_s - (time.monotonic() - started)
                 try:
-                    positive = await asyncio.wait_for(asyncio.shield(term), max(0.0, remaining))
-                except (TimeoutError, asyncio.CancelledError):
-                    if self._state != c104.ConnectionState.OPEN or term.cancelled():
-                        self._command_failed(target_kw, value_kw, "link lost before ACT_TERM", written)
+                    async with asyncio.timeout(max(0.0, remaining)):
+                        executed = await term
+                except TimeoutError:
+                    executed = "timeout"
+                if executed is not True:
+                    if executed is None or self._state != c104.ConnectionState.OPEN:
+                        reason = "link lost before ACT_TERM"
+                    elif executed is False:
+                        reason = "negative ACT_TERM (unit did not execute)"
                     else:
-                        self._command_failed(target_kw, value_kw, f"no ACT_TERM within {self.asset.command_timeout_s:g} s", written)
-                    return
-                if not positive:
-                    self._command_failed(target_kw, value_kw, "negative ACT_TERM (unit did not execute)", written)
+                        reason = f"no ACT_TERM within {self.asset.command_timeout_s:g} s"
+                    self._command_failed(target_kw, value_kw, reason, written)
                     return
         finally:
             for key in ((spec.ioa, apdu.COT_ACT_CON), (spec.ioa, apdu.COT_ACT_TERM)):
@@ -408,6 +445,7 @@ class Iec104Driver(AssetDriver):
                     future.cancel()
         self._confirmed_target = target_kw
         self.last_command_s = time.monotonic() - started
+        command_log.debug("%s: %s kW confirmed in %.3f ms", self.asset_id, target_kw, self.last_command_s * 1000)
         if self._command_problem is not None:
             self._command_problem = None
 
@@ -426,4 +464,4 @@ class Iec104Driver(AssetDriver):
     def _fail_waiters(self) -> None:
         for future in self._waiters.values():
             if not future.done():
-                future.cancel()
+                future.set_result(None)  # no answer: the link is gone
