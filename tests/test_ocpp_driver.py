@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import subprocess
 import time
@@ -408,3 +409,48 @@ def test_profile_models_reject_bad_values_with_clear_messages(tmp_path):
         OcppServer(path="ocpp")
     assert charger(no_tx_default_profile=True).effective_purpose() == "TxProfile"
     assert charger(max_power_kw=11).rated_kw == 11.0
+
+
+class ScriptedLink:
+    """A websocket stand-in that records what is sent and answers each CALL as scripted."""
+
+    def __init__(self, answer):
+        self.sent: list[str] = []
+        self._answer = answer  # unique id -> frame to send back, or None for silence
+        self._inbox: asyncio.Queue[str] = asyncio.Queue()
+
+    async def send(self, frame: str) -> None:
+        self.sent.append(frame)
+        reply = self._answer(json.loads(frame)[1])
+        if reply is not None:
+            self._inbox.put_nowait(reply)
+
+    async def recv(self) -> str:
+        return await self._inbox.get()
+
+
+async def test_prebuilt_call_sends_the_payload_as_is_and_reports_errors_like_call():
+    from ocpp.exceptions import NotSupportedError
+
+    from drivers.ocpp.handlers import CentralPoint16
+
+    payload = {"connectorId": 1, "csChargingProfiles": {"stackLevel": 1}}
+    answers = iter([lambda uid: json.dumps([3, uid, {"status": "Accepted"}]),
+                    lambda uid: json.dumps([4, uid, "NotSupported", "no smart charging", {}]),
+                    lambda uid: None])
+    link = ScriptedLink(lambda uid: next(answers)(uid))
+    point = CentralPoint16("CP1", link, session=None, authorize=lambda tag: True, heartbeat_s=60,
+                           response_timeout_s=0.2)
+    receiver = asyncio.create_task(point.start())
+    try:
+        assert await point.call_prebuilt("SetChargingProfile", payload) == {"status": "Accepted"}
+        frame = json.loads(link.sent[0])
+        assert frame[0] == 2 and frame[2] == "SetChargingProfile" and frame[3] == payload
+        with pytest.raises(NotSupportedError):
+            await point.call_prebuilt("SetChargingProfile", payload)
+        with pytest.raises(asyncio.TimeoutError):
+            await point.call_prebuilt("SetChargingProfile", payload)
+        assert point.response_timeout_s == 0.2
+    finally:
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)

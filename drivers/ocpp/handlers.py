@@ -16,6 +16,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import ocpp.messages
+from ocpp.messages import Call, MessageType
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as _ChargePoint16
 from ocpp.v16 import call_result as result16
@@ -31,6 +33,14 @@ log = logging.getLogger("flexedge.drivers.ocpp")
 wire_log = logging.getLogger("flexedge.drivers.ocpp.wire")
 if wire_log.level == logging.NOTSET:
     wire_log.setLevel(logging.WARNING)
+
+# The library validates every message against its JSON schema in the default
+# thread pool.  jsonschema is pure Python, so the threads buy no parallelism,
+# only a hand-off per message (it doubled the wall time of a MeterValues
+# validation) and GIL contention with the event loop, and they queue behind
+# the spool's writes in the same pool.  Validate on the loop instead
+# (0.1-0.6 ms a message).  A process-wide switch of the library.
+ocpp.messages.ASYNC_VALIDATION = False
 
 # 1.6 transaction ids are chosen by the central system (int32).  Seeding from the
 # clock keeps ids of a restarted gateway away from those still running.
@@ -51,7 +61,36 @@ def _wh(value: Any) -> float | None:
 Authorizer = Callable[[str], bool]
 
 
-class CentralPoint16(_ChargePoint16):
+class PrebuiltCalls:
+    """``call_prebuilt``: a CALL whose wire payload the driver built itself.
+
+    ``ChargePoint.call`` takes the library's dataclasses and converts them
+    generically (dataclass -> dict -> camelCase, by regex, key by key), which
+    costs more than the rest of sending a SetChargingProfile; a setpoint that
+    moves 500 chargers sends 500 of them at once.  This sends a camelCase dict
+    as is, under the same lock and response queue as ``call``, unvalidated
+    (the payload is ours), and returns the response payload (camelCase).
+    Raises asyncio.TimeoutError without an answer within the call timeout and
+    the matching OCPPError for a CALLERROR, as ``call(suppress=False)`` does.
+    It uses ``ChargePoint`` internals of ocpp 2.1 (``_call_lock``, ``_send``,
+    ``_get_specific_response``); tests/test_ocpp_driver.py checks it (answer, CALLERROR, timeout).
+    """
+
+    @property
+    def response_timeout_s(self) -> float:
+        return self._response_timeout
+
+    async def call_prebuilt(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        call = Call(unique_id=str(self._unique_id_generator()), action=action, payload=payload)
+        async with self._call_lock:
+            await self._send(call.to_json())
+            response = await self._get_specific_response(call.unique_id, self._response_timeout)
+        if response.message_type_id == MessageType.CallError:
+            raise response.to_exception()
+        return response.payload
+
+
+class CentralPoint16(PrebuiltCalls, _ChargePoint16):
     def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
                  heartbeat_s: int, response_timeout_s: float):
         super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
@@ -119,7 +158,7 @@ class CentralPoint16(_ChargePoint16):
         return result16.DataTransfer(status="UnknownVendorId")
 
 
-class CentralPoint201(_ChargePoint201):
+class CentralPoint201(PrebuiltCalls, _ChargePoint201):
     def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
                  heartbeat_s: int, response_timeout_s: float):
         super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
