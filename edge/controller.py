@@ -207,8 +207,10 @@ class Controller:
         bands, uncontrolled_kw = self._bands(readings, freeze=requested != 0.0 or state.active)
         grid = self.profile.grid
         export_limit_kw = effective_export_limit_kw(grid.export_limit_kw, self.grid_orders)
+        allocation_started = time.perf_counter()
         allocation = allocate(requested, bands, uncontrolled_kw, export_limit_kw, grid.import_limit_kw,
                               strategy=self.profile.control.allocation)
+        self.stats.record_allocation(time.perf_counter() - allocation_started)
 
         # Baselines stay frozen while an activation or a grid limit is in force.
         limit_binding = (allocation.limited_by in ("export_limit", "import_limit") or allocation.limit_violation_kw > 0

@@ -27,6 +27,7 @@ class CycleStats:
     def __init__(self, window: int = WINDOW):
         self.durations_s: deque[float] = deque(maxlen=window)
         self.lateness_s: deque[float] = deque(maxlen=window)
+        self.allocation_s: deque[float] = deque(maxlen=window)  # every allocation, cycles and setpoints
         self.cycles = 0
         self.missed_cycles = 0
         self.loop_lag = LoopLagMonitor()
@@ -36,9 +37,13 @@ class CycleStats:
         self.durations_s.append(duration_s)
         self.lateness_s.append(max(0.0, lateness_s))
 
+    def record_allocation(self, duration_s: float) -> None:
+        self.allocation_s.append(duration_s)
+
     def snapshot(self) -> dict[str, float | int]:
         durations = list(self.durations_s)
         lateness = list(self.lateness_s)
+        allocations = list(self.allocation_s)
         return {
             "cycles": self.cycles,
             "missed_cycles": self.missed_cycles,
@@ -49,6 +54,8 @@ class CycleStats:
             "loop_lag_ms_p99": round(self.loop_lag.p99_s() * 1000, 3),
             "loop_lag_ms_max": round(self.loop_lag.max_s() * 1000, 3),
             "loop_lag_ms_max_since_last": round(self.loop_lag.take_max_since_last_s() * 1000, 3),
+            "allocation_ms_last": round(allocations[-1] * 1000, 3) if allocations else None,
+            "allocation_ms_p99": round(percentile(allocations, 99) * 1000, 3),
         }
 
 

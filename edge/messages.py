@@ -99,6 +99,8 @@ class GatewayHealth(Contract):
     loop_lag_ms_p99: float
     loop_lag_ms_max: float
     loop_lag_ms_max_since_last: float = Field(description="Largest event-loop lag since the previous telemetry message.")
+    allocation_ms_last: float | None = Field(description="Time the last allocation took (sharing the activation), ms.")
+    allocation_ms_p99: float = Field(description="Its 99th percentile over the last 300 allocations, ms.")
 
 
 class GridOrdersValues(Contract):
