@@ -22,6 +22,7 @@ from typing import Any, Callable
 from edge.allocation import Allocation, AssetBand, allocate
 from edge.fcr import FcrDroop
 from edge.qu import QuDroop
+from edge.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator
 from edge.asset import AssetDriver, AssetReading, EventSink
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
 from edge.health import CycleStats
@@ -64,7 +65,9 @@ class ControlledAsset:
 @dataclass
 class ControlState:
     setpoint: Setpoint | None = None
-    mode: str = "idle"  # "setpoint", "fallback" or "idle"
+    mode: str = "idle"  # "setpoint", "schedule", "fallback" or "idle"
+    schedule_id: str | None = None  # the schedule deciding the activation, in mode "schedule"
+    limits_kw: tuple[float | None, float | None] = (None, None)  # (import, export) in force this cycle
     fallback_activation_kw: float = 0.0
     last_requested_kw: float = 0.0
     active: bool = False  # baselines frozen: an activation or a limit is in force
@@ -122,6 +125,8 @@ class Controller:
         self.fcr = FcrDroop(functions.fcr) if functions and functions.fcr else None
         self.qu = QuDroop(functions.q_u) if functions and functions.q_u else None
         self._function_problems: dict[str, str | None] = {"fcr": None, "q_u": None}
+        self.schedules = ScheduleBook()
+        self.schedule_validator = ScheduleValidator()
 
     # ----------------------------------------------------------- setpoints
 
@@ -148,6 +153,26 @@ class Controller:
             "setpoint/ack",
             {"id": setpoint.id, "status": "accepted", "reason": None, "ts": iso_time(now), "activation_kw": setpoint.activation_kw},
         )
+        self.step(now)
+
+    # ----------------------------------------------------------- schedules
+
+    def on_schedule(self, raw: bytes) -> None:
+        """Validate a schedule from the uplink, ack it, and put it in the book (docs/schedules.md)."""
+        now = time.time()
+        try:
+            schedule = self.schedule_validator.validate(raw, now, self.schedules)
+        except ScheduleRejected as rejection:
+            log.warning("schedule %s rejected: %s", rejection.schedule_id or "(no id)", rejection.reason)
+            self.publish_live("schedule/ack", {"id": rejection.schedule_id, "status": "rejected",
+                                               "reason": rejection.reason, "ts": iso_time(now), "kind": None})
+            self.emit_event("schedule_rejected", None, {"id": rejection.schedule_id, "reason": rejection.reason})
+            return
+        self.schedules.add(schedule)
+        log.info("schedule %s (%s) accepted: %d slots of %d s from %s", schedule.id, schedule.kind,
+                 len(schedule.values), schedule.resolution_s, iso_time(schedule.start_s))
+        self.publish_live("schedule/ack", {"id": schedule.id, "status": "accepted", "reason": None,
+                                           "ts": iso_time(now), "kind": schedule.kind})
         self.step(now)
 
     # -------------------------------------------------------- grid orders
@@ -201,20 +226,26 @@ class Controller:
         readings = {a.id: a.driver.reading() for a in self.assets}
         self._track_online(readings)
 
-        requested = self._requested_activation(now, dt)
+        self.schedules.expire(now)
+        requested, site_power_kw = self._requested_activation(now, dt)
         if self.fcr is not None:
             requested += self._fcr_activation(readings, mono, now)
-        bands, uncontrolled_kw = self._bands(readings, freeze=requested != 0.0 or state.active)
+        bands, uncontrolled_kw = self._bands(
+            readings, freeze=requested != 0.0 or site_power_kw is not None or state.active)
+        if site_power_kw is not None:  # a site-power schedule: the activation is what moves the site there
+            requested += site_power_kw - (uncontrolled_kw + sum(b.baseline_kw for b in bands))
         grid = self.profile.grid
-        export_limit_kw = effective_export_limit_kw(grid.export_limit_kw, self.grid_orders)
+        import_limit_kw, export_limit_kw = self.schedules.grid_limits_kw(now, grid.import_limit_kw, grid.export_limit_kw)
+        export_limit_kw = effective_export_limit_kw(export_limit_kw, self.grid_orders)
+        state.limits_kw = (import_limit_kw, export_limit_kw)
         allocation_started = time.perf_counter()
-        allocation = allocate(requested, bands, uncontrolled_kw, export_limit_kw, grid.import_limit_kw,
+        allocation = allocate(requested, bands, uncontrolled_kw, export_limit_kw, import_limit_kw,
                               strategy=self.profile.control.allocation)
         self.stats.record_allocation(time.perf_counter() - allocation_started)
 
         # Baselines stay frozen while an activation or a grid limit is in force.
         limit_binding = (allocation.limited_by in ("export_limit", "import_limit") or allocation.limit_violation_kw > 0
-                         or self.grid_orders.active)
+                         or self.grid_orders.active or site_power_kw is not None)
         now_active = requested != 0.0 or limit_binding or any(abs(allocation.targets_kw[b.asset_id] - b.baseline_kw) > TARGET_DEADBAND_KW for b in bands)
         if now_active and not state.active:
             for band in bands:
@@ -247,7 +278,14 @@ class Controller:
                 return asset
         raise KeyError(asset_id)
 
-    def _requested_activation(self, now: float, dt: float) -> float:
+    def _requested_activation(self, now: float, dt: float) -> tuple[float, float | None]:
+        """(activation kW, site power kW or None): what the VPP asks for now.
+
+        A valid real-time setpoint first; else a schedule in force (an
+        ``activation`` value, or a ``site_power`` value that the caller turns
+        into an activation once it knows the site's baseline); else the
+        fallback ramp to zero after a setpoint ends; else nothing.
+        """
         state = self.state
         control = self.profile.control
         setpoint = state.setpoint
@@ -259,17 +297,28 @@ class Controller:
             elif now - setpoint.received_at > control.setpoint_timeout_s:
                 reason = "timeout"
             if reason is None:
-                return setpoint.activation_kw
+                return setpoint.activation_kw, None
             state.setpoint = None
             state.mode = "fallback"
             state.fallback_activation_kw = setpoint.activation_kw
-            log.warning("no valid setpoint in force (%s): activation ramps to zero", reason)
+            log.warning("no valid setpoint in force (%s): activation ramps to zero unless a schedule is in force", reason)
             self.emit_event(
                 "fallback",
                 None,
                 {"reason": reason, "setpoint_id": setpoint.id, "from_activation_kw": setpoint.activation_kw,
                  "ramp_kw_per_s": control.fallback.ramp_kw_per_s},
             )
+        scheduled = self._scheduled(now)
+        if scheduled is not None:
+            schedule, value = scheduled
+            if state.mode != "schedule" or state.schedule_id != schedule.id:
+                log.info("schedule %s (%s) decides the activation", schedule.id, schedule.kind)
+            state.mode, state.schedule_id = "schedule", schedule.id
+            return (0.0, value) if schedule.kind == "site_power" else (value, None)
+        state.schedule_id = None
+        if state.mode == "schedule":
+            state.mode = "idle"
+            log.info("no schedule in force any more: devices released")
         if state.mode == "fallback":
             step = control.fallback.ramp_kw_per_s * dt
             value = state.fallback_activation_kw
@@ -278,8 +327,16 @@ class Controller:
             if value == 0.0:
                 state.mode = "idle"
                 log.info("fallback complete: activation zero, devices released")
-            return value
-        return 0.0
+            return value, None
+        return 0.0, None
+
+    def _scheduled(self, now: float):
+        """(schedule, value) of the activation or site-power schedule deciding now, or None.
+
+        For a site-power schedule the value is the scheduled site power (asked
+        with a baseline of 0; the caller subtracts the real one)."""
+        value, schedule = self.schedules.scheduled_activation_kw(now, 0.0)
+        return None if schedule is None or value is None else (schedule, value)
 
     def _bands(self, readings: dict[str, AssetReading], freeze: bool) -> tuple[list[AssetBand], float]:
         bands: list[AssetBand] = []
@@ -585,6 +642,7 @@ class Controller:
             "cycle_s": self.profile.control.cycle_s,
             "mode": self.state.mode,
             "setpoint_id": self.state.setpoint.id if self.state.setpoint else None,
+            "schedule_id": self.state.schedule_id,
             "site": {
                 "p_kw": _round(site_p),
                 "q_kvar": _round(site_q),
@@ -598,6 +656,8 @@ class Controller:
                 "online": any(r.online for r in readings.values()),
                 "metered": meter_online,
                 "limited_by": allocation.limited_by if allocation else None,
+                "import_limit_kw": _round(self.state.limits_kw[0]),
+                "export_limit_kw": _round(self.state.limits_kw[1]),
                 "q_requested_kvar": _round(self.state.reactive.requested_kvar) if self.state.reactive else None,
                 "q_setpoint_kvar": _round(self.state.reactive.site_kvar) if self.state.reactive else None,
             },

@@ -94,6 +94,10 @@ class Gateway:
         if self.controller is not None:
             self.controller.on_setpoint(raw)
 
+    def _on_schedule(self, raw: bytes) -> None:
+        if self.controller is not None:
+            self.controller.on_schedule(raw)
+
     # ---------------------------------------------------------------- run
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -107,7 +111,8 @@ class Gateway:
             "site_id": profile.site.id,
             "assets": [{"id": a.id, "kind": a.kind, "driver": a.driver_name} for a in self.assets],
         }
-        self.uplink = Uplink(profile, spool, self._on_setpoint, birth, self.emit_event)
+        self.uplink = Uplink(profile, spool, self._on_setpoint, birth, self.emit_event,
+                             on_message={"schedule": self._on_schedule})
         self.controller = Controller(
             profile, self.assets, self._enqueue, self._publish_live, self.emit_event, self.stats,
             on_cycle=self._after_cycle,

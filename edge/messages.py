@@ -31,6 +31,16 @@ class SetpointMessage(Contract):
     activation_kw: float = Field(description="Requested activation, kW; positive = upward regulation (more export / less import).")
 
 
+class ScheduleAck(Contract):
+    """`<prefix>/<site>/schedule/ack`: one per schedule received (docs/schedules.md)."""
+
+    id: str | None = Field(description="The schedule's id; null when the payload had no readable id.")
+    status: Literal["accepted", "rejected"]
+    reason: str | None = Field(description="Why it was rejected, naming the field; null when accepted.")
+    ts: str = Field(description="When the gateway decided, ISO 8601 UTC.")
+    kind: Literal["activation", "site_power", "connection_limits", "tariff"] | None
+
+
 class SetpointAck(Contract):
     """`<prefix>/<site>/setpoint/ack`: one per setpoint received."""
 
@@ -79,6 +89,10 @@ class SiteValues(Contract):
         description="Why activation_kw differs from activation_requested_kw (discrete_band: chargers or P2H units "
                     "that are off or between minimum and maximum load cannot deliver the exact share, and the "
                     "continuous assets could not make up the difference)."
+    )
+    import_limit_kw: Kw = Field(description="Import limit in force: the profile's, tightened by a connection-limits schedule.")
+    export_limit_kw: Kw = Field(
+        description="Export limit in force: the profile's, tightened by a connection-limits schedule and the grid operator's order."
     )
     q_requested_kvar: Kw = Field(
         description="Reactive power the grid operator's Q or tan(phi) order asks for at the connection point; null: no order."
@@ -140,8 +154,9 @@ class Telemetry(Contract):
     ts: str = Field(description="Measurement time, ISO 8601 UTC.")
     site_id: str
     cycle_s: float
-    mode: Literal["setpoint", "fallback", "idle"]
+    mode: Literal["setpoint", "schedule", "fallback", "idle"]
     setpoint_id: str | None
+    schedule_id: str | None = Field(description="The activation or site-power schedule deciding the activation (mode schedule).")
     site: SiteValues
     assets: dict[str, AssetValues]
     grid_orders: GridOrdersValues
@@ -238,6 +253,7 @@ class Status(Contract):
 CONTRACT = {
     "setpoint": SetpointMessage,
     "setpoint/ack": SetpointAck,
+    "schedule/ack": ScheduleAck,
     "telemetry": Telemetry,
     "events": Event,
     "consumption": ConsumptionData,

@@ -37,6 +37,8 @@ Public API::
 
 ``on_setpoint(payload: bytes)`` runs on the event loop for every message on the
 setpoint topic; an exception in it is logged and the message is dropped.
+``on_message`` adds handlers for other inbound subtopics (``{"schedule": ...}``),
+subscribed with QoS 1 and handled the same way.
 ``birth`` is the status payload to publish on connect, e.g. ``{"state": "online",
 "version": ..., "site_id": ..., "assets": [...]}``.  When a spool overflow drops
 messages, ``emit_event("spool_overflow", None, {"dropped": n, "dropped_total": N,
@@ -121,6 +123,7 @@ class Uplink:
         ack_timeout_s: float = 20.0,
         backlog_inflight: int = 8,
         overflow_event_interval_s: float = 60.0,
+        on_message: dict[str, Callable[[bytes], None]] | None = None,
     ):
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s, got {backoff_initial_s}, {backoff_max_s}")
@@ -132,6 +135,8 @@ class Uplink:
         self._backlog_interval_s = 1.0 / profile.uplink.spool.backlog_msgs_per_s
         self._spool = spool
         self._on_setpoint = on_setpoint
+        # subtopic -> handler: the setpoint and the other inbound topics (schedule ...)
+        self._handlers: dict[str, Callable[[bytes], None]] = {"setpoint": on_setpoint, **(on_message or {})}
         self._birth = dict(birth)
         self._emit_event = emit_event
         self._backoff_initial_s = backoff_initial_s
@@ -352,10 +357,11 @@ class Uplink:
             self._offline_sent = False
             birth = encode_payload("birth", {**self._birth, "ts": utc_timestamp()})
             await client.publish(self.topic("status"), birth, qos=1, retain=True, timeout=self._ack_timeout_s)
-            granted = await client.subscribe(self.topic("setpoint"), qos=1, timeout=self._ack_timeout_s)
-            if any(getattr(code, "value", code) >= 0x80 for code in granted):
-                # Reconnecting would not change the broker's mind (an ACL); keep sending telemetry.
-                LOG.error("broker refused the subscription to %s: setpoints will not arrive", self.topic("setpoint"))
+            for subtopic in self._handlers:
+                granted = await client.subscribe(self.topic(subtopic), qos=1, timeout=self._ack_timeout_s)
+                if any(getattr(code, "value", code) >= 0x80 for code in granted):
+                    # Reconnecting would not change the broker's mind (an ACL); keep sending telemetry.
+                    LOG.error("broker refused the subscription to %s: those messages will not arrive", self.topic(subtopic))
             LOG.info(
                 "uplink connected to %s:%d as %s (MQTT %s%s)",
                 self._mqtt.host, self._mqtt.port, self._client_id, self.protocol, ", TLS" if tls_context else "",
@@ -390,14 +396,18 @@ class Uplink:
     # ---------------------------------------------------------- traffic
 
     async def _receive_setpoints(self, client: aiomqtt.Client) -> None:
+        handlers = {self.topic(subtopic): handler for subtopic, handler in self._handlers.items()}
         async for message in client.messages:
             payload = message.payload
             if not isinstance(payload, (bytes, bytearray)):
                 payload = b"" if payload is None else str(payload).encode()
+            handler = handlers.get(message.topic.value)
+            if handler is None:
+                continue
             try:
-                self._on_setpoint(bytes(payload))
+                handler(bytes(payload))
             except Exception:  # noqa: BLE001 -- one bad handler call must not drop the link
-                LOG.exception("on_setpoint failed for a message on %s", message.topic)
+                LOG.exception("handler failed for a message on %s", message.topic)
 
     def _taken(self, session: _Session, message_id: int) -> bool:
         return message_id in session.in_flight or message_id in self._acked

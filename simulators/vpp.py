@@ -296,6 +296,7 @@ class VppSimulator:
 
         self.sent: deque[dict[str, Any]] = deque(maxlen=history)
         self.acks: deque[dict[str, Any]] = deque(maxlen=history)
+        self.schedule_acks: deque[dict[str, Any]] = deque(maxlen=history)
         self.telemetry: deque[dict[str, Any]] = deque(maxlen=history)
         self.events: deque[dict[str, Any]] = deque(maxlen=history)
         self.status: dict[str, Any] | None = None
@@ -357,7 +358,7 @@ class VppSimulator:
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, keepalive=30,
                                           timeout=self.timeout_s, clean_session=True) as client:
-                    for leaf in ("telemetry", "setpoint/ack", "events", "status"):
+                    for leaf in ("telemetry", "setpoint/ack", "schedule/ack", "events", "status"):
                         await client.subscribe(f"{self.base_topic}/{leaf}", qos=1)
                     self._client = client
                     self._connected.set()
@@ -422,6 +423,37 @@ class VppSimulator:
         log.debug("sent setpoint %s", data)
         return payload
 
+    async def send_schedule(
+        self,
+        kind: str,
+        values: list[Any],
+        resolution_s: int,
+        start: str | float | None = None,
+        id: str | None = None,  # noqa: A002 -- named like the payload field
+        ts: str | float | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Publish one schedule (docs/schedules.md) and return the payload sent.
+
+        Defaults: the next unique id, ``ts`` now, ``start`` now rounded down to
+        the resolution; ``extra`` adds fields (``currency`` for a tariff)."""
+        if id is None:
+            self._counter += 1
+            id = f"{self.id_prefix}-sch-{self._counter}"  # noqa: A001
+        now = time.time()
+        payload: dict[str, Any] = {
+            "id": id, "ts": utc_iso_ms(now) if ts is None else ts, "kind": kind,
+            "start": utc_iso_ms(now - now % resolution_s) if start is None else start,
+            "resolution_s": resolution_s, "values": values, **extra,
+        }
+        await self._publish(f"{self.base_topic}/schedule", json.dumps(payload, allow_nan=False), f"schedule {id}")
+        return payload
+
+    async def wait_schedule_ack(self, schedule_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The ack for ``schedule_id`` (already received or the next to arrive); TimeoutError if none."""
+        return await self._wait(lambda: next((a for a in self.schedule_acks if a.get("id") == schedule_id), None),
+                                timeout_s, f"no ack for schedule {schedule_id!r}")
+
     async def send_raw(self, payload: bytes | str, leaf: str = "setpoint", qos: int = 1) -> None:
         """Publish ``payload`` as is to ``<prefix>/<site>/<leaf>`` (for malformed-input tests)."""
         await self._publish(f"{self.base_topic}/{leaf}", payload, f"raw message to {leaf}", qos)
@@ -454,6 +486,10 @@ class VppSimulator:
             return
         if leaf == "setpoint/ack":
             self._on_ack(payload)
+        elif leaf == "schedule/ack":
+            self.schedule_acks.append(payload)
+            if payload.get("status") == "rejected":
+                log.warning("schedule %s rejected: %s", payload.get("id"), payload.get("reason"))
         elif leaf == "telemetry":
             self._on_telemetry(payload)
         elif leaf == "events":

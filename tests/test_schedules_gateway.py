@@ -1,0 +1,62 @@
+"""Schedules on the wire: the VPP's activation and site-power schedules, the DSO's connection limits.
+
+The gateway runs in process on SunSpec simulators; a real Mosquitto carries
+the schedules (`<prefix>/<site>/schedule`) and their acks.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from edge.messages import ScheduleAck, Telemetry
+from simulators.sunspec import DeviceSpec, SunSpecSimulator
+from simulators.vpp import VppSimulator
+from tests.test_gateway import SITE, make_profile, online, running_gateway, until
+
+
+async def test_schedules_drive_the_site_and_a_setpoint_overrides_them(tmp_path, mosquitto):
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=12.0), DeviceSpec(kind="storage", rated_kw=10.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5, setpoint_timeout_s=2)
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "assets online")
+
+            # An activation schedule: +6 kW in this slot and the next.
+            sent = await vpp.send_schedule("activation", [6.0, 6.0], resolution_s=3600)
+            ack = await vpp.wait_schedule_ack(sent["id"])
+            ScheduleAck.model_validate(ack)
+            assert ack["status"] == "accepted" and ack["kind"] == "activation"
+            await until(lambda: abs(bess.power_kw - 6.0) < 0.1, 3, "battery follows the schedule")
+            message = await until(lambda: vpp.telemetry[-1]["mode"] == "schedule" and vpp.telemetry[-1], 3, "mode schedule")
+            Telemetry.model_validate(message)
+            assert message["schedule_id"] == sent["id"]
+
+            # A real-time setpoint overrides it while valid; then the schedule again.
+            setpoint = await vpp.send_setpoint(-4.0, valid_s=1.5)
+            await vpp.wait_ack(setpoint["id"])
+            await until(lambda: abs(pv.power_kw + bess.power_kw - 8.0) < 0.2, 3, "the setpoint's -4 kW")
+            await until(lambda: vpp.telemetry[-1]["mode"] == "schedule", 5, "back to the schedule")
+            await until(lambda: abs(bess.power_kw - 6.0) < 0.1, 3, "battery back on the schedule")
+
+            # A site-power schedule (newer, so it decides): the site at 5 kW.
+            sent = await vpp.send_schedule("site_power", [5.0], resolution_s=3600)
+            assert (await vpp.wait_schedule_ack(sent["id"]))["status"] == "accepted"
+            await until(lambda: abs(pv.power_kw + bess.power_kw - 5.0) < 0.2, 3, "site at 5 kW")
+
+            # The DSO's connection-limits schedule tightens the export limit to 3 kW.
+            sent = await vpp.send_schedule("connection_limits", [{"import_limit_kw": None, "export_limit_kw": 3.0}],
+                                           resolution_s=3600)
+            assert (await vpp.wait_schedule_ack(sent["id"]))["status"] == "accepted"
+            await until(lambda: pv.power_kw + bess.power_kw <= 3.1, 3, "site capped at 3 kW")
+            message = await until(lambda: vpp.telemetry[-1]["site"]["export_limit_kw"] == 3.0 and vpp.telemetry[-1],
+                                  3, "limit in telemetry")
+            assert message["site"]["limited_by"] == "export_limit"
+
+            # Invalid schedules are refused with a reason naming the field, and change nothing.
+            sent = await vpp.send_schedule("activation", [1.0, "x"], resolution_s=3600)
+            ack = await vpp.wait_schedule_ack(sent["id"])
+            assert ack["status"] == "rejected" and "values" in ack["reason"]
+            await vpp.send_raw(b"{not json", leaf="schedule")
+            assert await until(lambda: any(e["type"] == "schedule_rejected" for e in vpp.events), 3, "rejection event")
+            assert pv.power_kw + bess.power_kw <= 3.1
