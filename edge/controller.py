@@ -22,6 +22,7 @@ from typing import Any, Callable
 from edge.allocation import Allocation, AssetBand, allocate
 from edge.fcr import FcrDroop
 from edge.qu import QuDroop
+from edge.ev_sessions import EvSessions
 from edge.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator
 from edge.asset import AssetDriver, AssetReading, EventSink
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
@@ -127,6 +128,8 @@ class Controller:
         self._function_problems: dict[str, str | None] = {"fcr": None, "q_u": None}
         self.schedules = ScheduleBook()
         self.schedule_validator = ScheduleValidator()
+        self.ev = EvSessions(profile.ev_charging, self.schedules, emit_event) if profile.ev_charging else None
+        self._ev_plans_kw: dict[str, float] = {}  # each planned charger's power now (its baseline)
 
     # ----------------------------------------------------------- setpoints
 
@@ -173,6 +176,22 @@ class Controller:
                  len(schedule.values), schedule.resolution_s, iso_time(schedule.start_s))
         self.publish_live("schedule/ack", {"id": schedule.id, "status": "accepted", "reason": None,
                                            "ts": iso_time(now), "kind": schedule.kind})
+        self.step(now)
+
+    def on_ev_preferences(self, raw: bytes) -> None:
+        """A driver's departure time and energy need for the EV at a charger (docs/schedules.md)."""
+        now = time.time()
+        if self.ev is None:
+            asset_id, reason = None, "smart charging is off on this site (no ev_charging in the profile)"
+        else:
+            readings = {a.id: a.driver.reading() for a in self.assets}
+            asset_id, reason = self.ev.on_preferences(raw, now, readings)
+        self.publish_live("ev/preferences/ack", {"asset_id": asset_id, "status": "rejected" if reason else "accepted",
+                                                 "reason": reason, "ts": iso_time(now)})
+        if reason:
+            log.warning("EV preferences for %s rejected: %s", asset_id, reason)
+            self.emit_event("ev_preferences_rejected", asset_id, {"reason": reason})
+            return
         self.step(now)
 
     # -------------------------------------------------------- grid orders
@@ -227,6 +246,9 @@ class Controller:
         self._track_online(readings)
 
         self.schedules.expire(now)
+        if self.ev is not None:
+            chargers = [a.id for a in self.assets if a.kind == "ev_charger" and a.controllable]
+            self._ev_plans_kw = self.ev.update(now, readings, chargers)
         requested, site_power_kw = self._requested_activation(now, dt)
         if self.fcr is not None:
             requested += self._fcr_activation(readings, mono, now)
@@ -356,6 +378,8 @@ class Controller:
             if freeze and asset.frozen_baseline_kw is None:
                 asset.frozen_baseline_kw = own_power
             baseline = asset.frozen_baseline_kw if freeze else own_power
+            if asset.id in self._ev_plans_kw:  # a smart-charging plan is the charger's baseline
+                baseline = self._ev_plans_kw[asset.id]
             p_min, p_max = self._range(asset, reading, baseline)
             if self.grid_orders.disconnected:
                 # Decoupling ordered by the grid operator: nothing on site may produce.
@@ -394,7 +418,9 @@ class Controller:
         for asset in self.assets:
             if not asset.controllable or asset.kind == "meter":
                 continue
-            target = None if release else allocation.targets_kw.get(asset.id)
+            target = allocation.targets_kw.get(asset.id)
+            if release:  # no activation: devices go back to their own behaviour, chargers to their plans
+                target = target if asset.id in self._ev_plans_kw else None
             if target is None and asset.id not in allocation.targets_kw and not release:
                 continue  # offline: nothing to command
             previous = asset.commanded_kw
@@ -588,9 +614,14 @@ class Controller:
         site_baseline = 0.0
         for asset in self.assets:
             reading = readings[asset.id]
-            baseline = None
+            baseline = baseline_method = None
             if asset.kind != "meter" and reading.online and reading.p_kw is not None:
-                baseline = asset.frozen_baseline_kw if asset.frozen_baseline_kw is not None else reading.p_kw
+                if asset.id in self._ev_plans_kw:
+                    baseline, baseline_method = self._ev_plans_kw[asset.id], "ev_plan"
+                elif asset.frozen_baseline_kw is not None:
+                    baseline, baseline_method = asset.frozen_baseline_kw, "frozen"
+                else:
+                    baseline, baseline_method = reading.p_kw, "measured"
             target = targets.get(asset.id) if asset.commanded_kw is not None else None
             reactive = self.state.reactive
             q_target = reactive.targets_kvar.get(asset.id) if reactive is not None and asset.commanded_kvar is not None else None
@@ -605,6 +636,7 @@ class Controller:
                 "p_kw": _round(reading.p_kw),
                 "q_kvar": _round(reading.q_kvar),
                 "baseline_kw": _round(baseline),
+                "baseline_method": baseline_method,
                 "setpoint_kw": _round(target),
                 "activation_kw": _round(target - baseline if target is not None and baseline is not None else 0.0 if baseline is not None else None),
                 "band_up_kw": _round(band_up),

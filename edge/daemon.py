@@ -98,6 +98,10 @@ class Gateway:
         if self.controller is not None:
             self.controller.on_schedule(raw)
 
+    def _on_ev_preferences(self, raw: bytes) -> None:
+        if self.controller is not None:
+            self.controller.on_ev_preferences(raw)
+
     # ---------------------------------------------------------------- run
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -112,7 +116,7 @@ class Gateway:
             "assets": [{"id": a.id, "kind": a.kind, "driver": a.driver_name} for a in self.assets],
         }
         self.uplink = Uplink(profile, spool, self._on_setpoint, birth, self.emit_event,
-                             on_message={"schedule": self._on_schedule})
+                             on_message={"schedule": self._on_schedule, "ev/preferences": self._on_ev_preferences})
         self.controller = Controller(
             profile, self.assets, self._enqueue, self._publish_live, self.emit_event, self.stats,
             on_cycle=self._after_cycle,

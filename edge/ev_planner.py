@@ -49,7 +49,7 @@ MAX_EV_KW = 1000.0
 
 
 class EvDefaults(Strict):
-    """What the planner assumes when the driver's preferences say nothing (a profile section once wired)."""
+    """Smart charging (profile section ``ev_charging``): what the planner assumes when the driver's preferences say nothing."""
 
     default_departure_after_h: Annotated[float, _ranged(0.25, 168.0)] = Field(
         8.0, description="Departure assumed this long after the session started, when the driver gave none."

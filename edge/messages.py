@@ -41,6 +41,15 @@ class ScheduleAck(Contract):
     kind: Literal["activation", "site_power", "connection_limits", "tariff"] | None
 
 
+class EvPreferencesAck(Contract):
+    """`<prefix>/<site>/ev/preferences/ack`: one per preferences message (docs/schedules.md)."""
+
+    asset_id: str | None
+    status: Literal["accepted", "rejected"]
+    reason: str | None = Field(description="Why they were rejected, naming the field; null when accepted.")
+    ts: str
+
+
 class SetpointAck(Contract):
     """`<prefix>/<site>/setpoint/ack`: one per setpoint received."""
 
@@ -58,6 +67,10 @@ class AssetValues(Contract):
     p_kw: Kw = Field(description="Measured active power, + export.")
     q_kvar: Kw = Field(description="Measured reactive power.")
     baseline_kw: Kw = Field(description="Power without activation (frozen when the activation started).")
+    baseline_method: Literal["measured", "frozen", "ev_plan"] | None = Field(
+        description="How baseline_kw was found: measured (no activation in force), frozen (the power when the "
+                    "activation or grid limit started), ev_plan (the charger's smart-charging plan for this quarter hour)."
+    )
     setpoint_kw: Kw = Field(description="Power commanded to the asset; null when released (no command in force).")
     activation_kw: Kw = Field(description="setpoint_kw - baseline_kw: this asset's share of the activation.")
     band_up_kw: Kw = Field(description="Available upward regulation from the baseline.")
@@ -254,6 +267,7 @@ CONTRACT = {
     "setpoint": SetpointMessage,
     "setpoint/ack": SetpointAck,
     "schedule/ack": ScheduleAck,
+    "ev/preferences/ack": EvPreferencesAck,
     "telemetry": Telemetry,
     "events": Event,
     "consumption": ConsumptionData,

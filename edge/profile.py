@@ -27,6 +27,7 @@ from pydantic import (
 
 from drivers.iec104.config import Iec104Asset
 from edge.deie_config import DeieConfig
+from edge.ev_planner import EvDefaults
 from edge.functions_config import FunctionsConfig
 from drivers.ocpp.config import OcppCharger, OcppServer
 from edge.yamlsource import ProfileProblem, YamlDocument, load_yaml
@@ -253,6 +254,10 @@ class Profile(Strict):
     )
     functions: FunctionsConfig | None = Field(
         None, description="Local grid functions run on site from local measurements: FCR droop, Q(U)."
+    )
+    ev_charging: EvDefaults | None = Field(
+        None, description="Smart charging: each EV session is planned at 15-min resolution against the tariffs; "
+                          "absent: chargers charge as fast as the activation allows."
     )
     assets: list[Asset] = Field(default_factory=list)
 

@@ -21,9 +21,10 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge.profile import Control
+if TYPE_CHECKING:  # the profile imports modules that import this one (edge.ev_planner)
+    from edge.profile import Control
 
 MAX_VALID_S = 3600.0
 MAX_ID_LENGTH = 128

@@ -125,7 +125,7 @@ def test_schema_command_prints_json_schema():
     result = subprocess.run([sys.executable, "-m", "edge.cli", "schema"], capture_output=True, text=True, timeout=60)
     schema = json.loads(result.stdout)
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"site", "control", "uplink", "grid", "ocpp", "functions", "assets"}
+    assert set(schema["properties"]) == {"site", "control", "uplink", "grid", "ocpp", "functions", "ev_charging", "assets"}
     assert schema["title"] == "flexedge site profile"
 
 
