@@ -129,7 +129,9 @@ class Controller:
         self.schedules = ScheduleBook()
         self.schedule_validator = ScheduleValidator()
         self.ev = EvSessions(profile.ev_charging, self.schedules, emit_event) if profile.ev_charging else None
-        self._ev_plans_kw: dict[str, float] = {}  # each planned charger's power now (its baseline)
+        # Assets whose baseline is planned: (power now, "schedule" | "ev_plan").  They are
+        # commanded to it even with no activation in force.
+        self._planned_kw: dict[str, tuple[float, str]] = {}
 
     # ----------------------------------------------------------- setpoints
 
@@ -170,6 +172,12 @@ class Controller:
             self.publish_live("schedule/ack", {"id": rejection.schedule_id, "status": "rejected",
                                                "reason": rejection.reason, "ts": iso_time(now), "kind": None})
             self.emit_event("schedule_rejected", None, {"id": rejection.schedule_id, "reason": rejection.reason})
+            return
+        if schedule.kind == "baseline" and schedule.asset_id not in {a.id for a in self.assets if a.controllable}:
+            reason = f"asset_id: no controllable asset {schedule.asset_id!r} on this site"
+            self.publish_live("schedule/ack", {"id": schedule.id, "status": "rejected", "reason": reason,
+                                               "ts": iso_time(now), "kind": schedule.kind})
+            self.emit_event("schedule_rejected", None, {"id": schedule.id, "reason": reason})
             return
         self.schedules.add(schedule)
         log.info("schedule %s (%s) accepted: %d slots of %d s from %s", schedule.id, schedule.kind,
@@ -246,9 +254,7 @@ class Controller:
         self._track_online(readings)
 
         self.schedules.expire(now)
-        if self.ev is not None:
-            chargers = [a.id for a in self.assets if a.kind == "ev_charger" and a.controllable]
-            self._ev_plans_kw = self.ev.update(now, readings, chargers)
+        self._planned_kw = self._planned_baselines(now, readings)
         requested, site_power_kw = self._requested_activation(now, dt)
         if self.fcr is not None:
             requested += self._fcr_activation(readings, mono, now)
@@ -352,6 +358,18 @@ class Controller:
             return value, None
         return 0.0, None
 
+    def _planned_baselines(self, now: float, readings: dict[str, AssetReading]) -> dict[str, tuple[float, str]]:
+        """Each asset's planned baseline now: a baseline schedule from the VPP first, else an EV's plan."""
+        planned: dict[str, tuple[float, str]] = {}
+        if self.ev is not None:
+            chargers = [a.id for a in self.assets if a.kind == "ev_charger" and a.controllable]
+            planned.update((asset_id, (kw, "ev_plan")) for asset_id, kw in self.ev.update(now, readings, chargers).items())
+        for asset in self.assets:
+            value = self.schedules.value_at(f"baseline:{asset.id}", now)
+            if isinstance(value, float) and asset.controllable and readings[asset.id].online:
+                planned[asset.id] = (value, "schedule")
+        return planned
+
     def _scheduled(self, now: float):
         """(schedule, value) of the activation or site-power schedule deciding now, or None.
 
@@ -378,8 +396,8 @@ class Controller:
             if freeze and asset.frozen_baseline_kw is None:
                 asset.frozen_baseline_kw = own_power
             baseline = asset.frozen_baseline_kw if freeze else own_power
-            if asset.id in self._ev_plans_kw:  # a smart-charging plan is the charger's baseline
-                baseline = self._ev_plans_kw[asset.id]
+            if asset.id in self._planned_kw:  # the VPP's prosumption plan, or the EV's charging plan
+                baseline = self._planned_kw[asset.id][0]
             p_min, p_max = self._range(asset, reading, baseline)
             if self.grid_orders.disconnected:
                 # Decoupling ordered by the grid operator: nothing on site may produce.
@@ -420,7 +438,7 @@ class Controller:
                 continue
             target = allocation.targets_kw.get(asset.id)
             if release:  # no activation: devices go back to their own behaviour, chargers to their plans
-                target = target if asset.id in self._ev_plans_kw else None
+                target = target if asset.id in self._planned_kw else None
             if target is None and asset.id not in allocation.targets_kw and not release:
                 continue  # offline: nothing to command
             previous = asset.commanded_kw
@@ -616,8 +634,8 @@ class Controller:
             reading = readings[asset.id]
             baseline = baseline_method = None
             if asset.kind != "meter" and reading.online and reading.p_kw is not None:
-                if asset.id in self._ev_plans_kw:
-                    baseline, baseline_method = self._ev_plans_kw[asset.id], "ev_plan"
+                if asset.id in self._planned_kw:
+                    baseline, baseline_method = self._planned_kw[asset.id]
                 elif asset.frozen_baseline_kw is not None:
                     baseline, baseline_method = asset.frozen_baseline_kw, "frozen"
                 else:

@@ -38,7 +38,7 @@ class ScheduleAck(Contract):
     status: Literal["accepted", "rejected"]
     reason: str | None = Field(description="Why it was rejected, naming the field; null when accepted.")
     ts: str = Field(description="When the gateway decided, ISO 8601 UTC.")
-    kind: Literal["activation", "site_power", "connection_limits", "tariff"] | None
+    kind: Literal["activation", "site_power", "connection_limits", "tariff", "baseline"] | None
 
 
 class EvPreferencesAck(Contract):
@@ -67,9 +67,10 @@ class AssetValues(Contract):
     p_kw: Kw = Field(description="Measured active power, + export.")
     q_kvar: Kw = Field(description="Measured reactive power.")
     baseline_kw: Kw = Field(description="Power without activation (frozen when the activation started).")
-    baseline_method: Literal["measured", "frozen", "ev_plan"] | None = Field(
+    baseline_method: Literal["measured", "frozen", "schedule", "ev_plan"] | None = Field(
         description="How baseline_kw was found: measured (no activation in force), frozen (the power when the "
-                    "activation or grid limit started), ev_plan (the charger's smart-charging plan for this quarter hour)."
+                    "activation or grid limit started), schedule (the VPP's baseline schedule, the prosumption plan), "
+                    "ev_plan (the charger's smart-charging plan for this quarter hour)."
     )
     setpoint_kw: Kw = Field(description="Power commanded to the asset; null when released (no command in force).")
     activation_kw: Kw = Field(description="setpoint_kw - baseline_kw: this asset's share of the activation.")

@@ -50,9 +50,9 @@ from pydantic import Field
 from edge.profile_types import Strict, _ranged
 from edge.setpoints import MAX_ID_LENGTH, SetpointRejected, parse_time
 
-ScheduleKind = Literal["activation", "site_power", "connection_limits", "tariff"]
-KINDS: tuple[str, ...] = ("activation", "site_power", "connection_limits", "tariff")
-FIELDS = frozenset({"id", "ts", "kind", "start", "resolution_s", "values", "currency"})
+ScheduleKind = Literal["activation", "site_power", "connection_limits", "tariff", "baseline"]
+KINDS: tuple[str, ...] = ("activation", "site_power", "connection_limits", "tariff", "baseline")
+FIELDS = frozenset({"id", "ts", "kind", "start", "resolution_s", "values", "currency", "asset_id"})
 LIMIT_FIELDS = frozenset({"import_limit_kw", "export_limit_kw"})
 
 MIN_RESOLUTION_S = 60
@@ -113,6 +113,12 @@ class Schedule:
     values: tuple[SlotValue, ...]
     received_at: float  # epoch s, our clock
     currency: str | None = None  # tariff only
+    asset_id: str | None = None  # baseline only: the asset whose prosumption plan it is
+
+    @property
+    def book_key(self) -> str:
+        """Where the book keeps it: its kind, or ``baseline:<asset id>`` (one plan per asset)."""
+        return f"{self.kind}:{self.asset_id}" if self.asset_id else self.kind
 
     @property
     def end_s(self) -> float:
@@ -267,9 +273,15 @@ class ScheduleValidator:
                 raise ScheduleRejected(schedule_id, f"currency: a tariff needs an ISO 4217 code such as EUR, got {currency!r}")
         elif "currency" in payload:
             raise ScheduleRejected(schedule_id, f"currency: only a tariff has a currency, not {kind}")
+        asset_id = payload.get("asset_id")
+        if kind == "baseline":
+            if not (isinstance(asset_id, str) and 0 < len(asset_id) <= 64):
+                raise ScheduleRejected(schedule_id, f"asset_id: a baseline schedule names its asset, got {asset_id!r}")
+        elif "asset_id" in payload:
+            raise ScheduleRejected(schedule_id, f"asset_id: only a baseline schedule names an asset, not {kind}")
 
         parse_value: Callable[[Any, str, str], SlotValue] = {
-            "activation": _kw, "site_power": _kw, "connection_limits": _limits, "tariff": _price,
+            "activation": _kw, "site_power": _kw, "connection_limits": _limits, "tariff": _price, "baseline": _kw,
         }[kind]
         parsed = tuple(parse_value(value, f"values[{i}]", schedule_id) for i, value in enumerate(values))
 
@@ -303,7 +315,7 @@ class ScheduleValidator:
                     )
 
         self.remember(schedule_id)
-        return Schedule(schedule_id, kind, issued_at, start_s, resolution_s, parsed, now_s, currency)
+        return Schedule(schedule_id, kind, issued_at, start_s, resolution_s, parsed, now_s, currency, asset_id)
 
     def remember(self, schedule_id: str) -> None:
         self._seen_ids[schedule_id] = None
@@ -320,26 +332,27 @@ class ScheduleBook:
     def __init__(self) -> None:
         self._arrivals = 0
         # Per kind, newest first, as (issued_at, arrival, schedule).
-        self._entries: dict[str, list[tuple[float, int, Schedule]]] = {kind: [] for kind in KINDS}
+        # Keyed by kind, and "baseline:<asset id>" for the assets' baseline plans.
+        self._entries: dict[str, list[tuple[float, int, Schedule]]] = {kind: [] for kind in KINDS if kind != "baseline"}
 
     def add(self, schedule: Schedule) -> None:
-        if schedule.kind not in self._entries:
+        if schedule.kind not in KINDS:
             raise ValueError(f"unknown schedule kind {schedule.kind!r}")
         self._arrivals += 1
-        entries = self._entries[schedule.kind]
+        entries = self._entries.setdefault(schedule.book_key, [])
         entries.append((schedule.issued_at, self._arrivals, schedule))
         entries.sort(key=lambda entry: (entry[0], entry[1]), reverse=True)
 
     def in_force(self, kind: str) -> tuple[Schedule, ...]:
         """The schedules kept for ``kind``, newest first (some may be shadowed in part)."""
-        return tuple(entry[2] for entry in self._entries[kind])
+        return tuple(entry[2] for entry in self._entries.get(kind, ()))
 
     def deciding(self, kind: str, t_s: float) -> Schedule | None:
         """The schedule that decides instant ``t_s``: the newest covering it."""
         return self._deciding_entry(kind, t_s)[2]
 
     def _deciding_entry(self, kind: str, t_s: float) -> tuple[float, int, Schedule | None]:
-        for entry in self._entries[kind]:
+        for entry in self._entries.get(kind, ()):
             if entry[2].covers(t_s):
                 return entry
         return (-math.inf, 0, None)
@@ -356,7 +369,7 @@ class ScheduleBook:
         if end_s <= start_s:
             return []
         cuts = {start_s, end_s}
-        for _, _, schedule in self._entries[kind]:
+        for _, _, schedule in self._entries.get(kind, ()):
             lo, hi = max(start_s, schedule.start_s), min(end_s, schedule.end_s)
             if lo >= hi:
                 continue

@@ -317,3 +317,18 @@ def test_validator_accepts_exactly_finite_numbers_and_nulls(values):
     else:
         with pytest.raises(ScheduleRejected, match=r"values\[\d+\]"):
             validator.validate(raw, NOW)
+
+
+def test_baseline_schedules_name_their_asset_and_are_kept_per_asset(validator):
+    plan = validator.validate(message(id="b-1", kind="baseline", asset_id="bess-1", values=[5.0, -2.0]), NOW)
+    assert plan.asset_id == "bess-1" and plan.book_key == "baseline:bess-1"
+    with pytest.raises(ScheduleRejected, match="asset_id: a baseline schedule names its asset"):
+        validator.validate(message(id="b-2", kind="baseline"), NOW)
+    with pytest.raises(ScheduleRejected, match="asset_id: only a baseline schedule"):
+        validator.validate(message(id="b-3", asset_id="bess-1"), NOW)
+    book = ScheduleBook()
+    book.add(plan)
+    book.add(validator.validate(message(id="b-4", kind="baseline", asset_id="pv-1", values=[8.0]), NOW))
+    assert book.value_at("baseline:bess-1", NOW + 1) == 5.0 and book.value_at("baseline:pv-1", NOW + 1) == 8.0
+    assert book.value_at("baseline:bess-1", NOW + 901) == -2.0
+    assert book.value_at("baseline:other", NOW) is None

@@ -60,3 +60,29 @@ async def test_schedules_drive_the_site_and_a_setpoint_overrides_them(tmp_path, 
             await vpp.send_raw(b"{not json", leaf="schedule")
             assert await until(lambda: any(e["type"] == "schedule_rejected" for e in vpp.events), 3, "rejection event")
             assert pv.power_kw + bess.power_kw <= 3.1
+
+
+async def test_a_baseline_schedule_is_the_assets_plan_and_activations_move_it_from_there(tmp_path, mosquitto):
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=12.0), DeviceSpec(kind="storage", rated_kw=10.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5)
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "assets online")
+            # The prosumption plan: the battery charges 3 kW this hour.
+            sent = await vpp.send_schedule("baseline", [-3.0], resolution_s=3600, asset_id="storage1")
+            assert (await vpp.wait_schedule_ack(sent["id"]))["status"] == "accepted"
+            await until(lambda: abs(bess.power_kw + 3.0) < 0.1, 3, "battery follows its plan with no activation")
+            message = await until(lambda: vpp.telemetry[-1]["assets"]["storage1"]["baseline_method"] == "schedule"
+                                  and vpp.telemetry[-1], 3, "baseline method in telemetry")
+            Telemetry.model_validate(message)
+            assert message["assets"]["storage1"]["baseline_kw"] == -3.0 and message["mode"] == "idle"
+
+            # +5 kW of activation: shared from the baselines (battery plan -3, PV 12).
+            setpoint = await vpp.send_setpoint(5.0, valid_s=30)
+            await vpp.wait_ack(setpoint["id"])
+            await until(lambda: abs(bess.power_kw - 2.0) < 0.1, 3, "battery at plan + 5 kW")
+
+            sent = await vpp.send_schedule("baseline", [1.0], resolution_s=3600, asset_id="nope")
+            ack = await vpp.wait_schedule_ack(sent["id"])
+            assert ack["status"] == "rejected" and "nope" in ack["reason"]
