@@ -363,12 +363,36 @@ class Controller:
         planned: dict[str, tuple[float, str]] = {}
         if self.ev is not None:
             chargers = [a.id for a in self.assets if a.kind == "ev_charger" and a.controllable]
-            planned.update((asset_id, (kw, "ev_plan")) for asset_id, kw in self.ev.update(now, readings, chargers).items())
+            plans = self.ev.update(now, readings, chargers, self._ev_headroom(readings, chargers))
+            planned.update((asset_id, (kw, "ev_plan")) for asset_id, kw in plans.items())
         for asset in self.assets:
             value = self.schedules.value_at(f"baseline:{asset.id}", now)
             if isinstance(value, float) and asset.controllable and readings[asset.id].online:
                 planned[asset.id] = (value, "schedule")
         return planned
+
+    def _ev_headroom(self, readings: dict[str, AssetReading], chargers: list[str]):
+        """The import the site can take for EV charging in a future quarter hour: its import
+        limit then (the profile's, tightened by a connection-limits schedule) less what the
+        rest of the site imports now.  None without an import limit."""
+        others_kw = 0.0
+        for asset in self.assets:
+            reading = readings[asset.id]
+            if asset.id in chargers or asset.kind == "meter" or not reading.online or reading.p_kw is None:
+                continue
+            others_kw += reading.p_kw
+        if self._meter is not None:
+            meter = readings[self._meter.id]
+            if meter.online and meter.p_kw is not None:
+                charging = sum(readings[c].p_kw or 0.0 for c in chargers if readings[c].online)
+                others_kw = meter.p_kw - charging
+        profile_import = self.profile.grid.import_limit_kw
+
+        def headroom_kw(start_s: float, end_s: float) -> float | None:
+            limit, _ = self.schedules.grid_limits_kw(start_s, profile_import, None)
+            return None if limit is None else limit + others_kw  # + export of the rest adds room
+
+        return headroom_kw
 
     def _scheduled(self, now: float):
         """(schedule, value) of the activation or site-power schedule deciding now, or None.

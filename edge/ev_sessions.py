@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from edge.asset import AssetReading, EventSink
 from edge.ev_planner import (
@@ -56,6 +56,7 @@ class EvSessions:
         self.schedules = schedules
         self.emit_event = emit_event
         self.sessions: dict[str, EvSession] = {}
+        self._headroom_kw: Callable[[float, float], float | None] | None = None
 
     def on_preferences(self, raw: bytes, now_s: float, readings: dict[str, AssetReading]) -> tuple[str | None, str | None]:
         """Take a driver's preferences; (asset id, None) when accepted, (asset id or None, reason) when not."""
@@ -80,10 +81,18 @@ class EvSessions:
         session.plan = None  # replanned at the next step
         return asset_id, None
 
-    def update(self, now_s: float, readings: dict[str, AssetReading], chargers: list[str]) -> dict[str, float]:
-        """Follow the sessions and return each planned charger's power for now (kW, negative: charging)."""
+    def update(self, now_s: float, readings: dict[str, AssetReading], chargers: list[str],
+               headroom_kw: Callable[[float, float], float | None] | None = None) -> dict[str, float]:
+        """Follow the sessions and return each planned charger's power for now (kW, negative: charging).
+
+        ``headroom_kw(start_s, end_s)``: the import the site can still take for EV
+        charging in that quarter hour under its import limit (None: unlimited); it
+        is shared equally among the EVs plugged in when their plans are made.
+        """
         planned: dict[str, float] = {}
+        self._headroom_kw = headroom_kw
         tariff_key = tuple(s.id for s in self.schedules.in_force("tariff"))
+        tariff_key += tuple(s.id for s in self.schedules.in_force("connection_limits"))
         for asset_id in chargers:
             reading = readings[asset_id]
             plugged = reading.online and reading.p_min_kw is not None and reading.p_min_kw < 0
@@ -123,8 +132,16 @@ class EvSessions:
         if grid and self.schedules.in_force("tariff"):
             slots = self.schedules.slots("tariff", grid[0][0], grid[-1][1])
             prices = on_grid(slots, grid[0][0], SLOT_S, len(grid), time_weighted_mean)
+        available = None
+        if grid and self._headroom_kw is not None:
+            # An equal share of the site's headroom per EV: plans made one by one
+            # must not each count on all of it.
+            sharing = max(1, len(self.sessions))
+            available = [None if (h := self._headroom_kw(start, end)) is None else max(0.0, h) / sharing
+                         for start, end in grid]
         remaining_kwh = max(0.0, needs.energy_kwh - session.delivered_kwh)
-        plan = plan_charging(now_s, needs.departure_s, remaining_kwh, min(min_kw, max_kw), max_kw, needs.ev_max_kw, prices)
+        plan = plan_charging(now_s, needs.departure_s, remaining_kwh, min(min_kw, max_kw), max_kw, needs.ev_max_kw,
+                             prices, available)
         first = session.plan is None and session.planned_slot is None
         session.plan, session.planned_slot, session.planned_for = plan, slot, tariff_key
         if plan.shortfall_kwh > 0:

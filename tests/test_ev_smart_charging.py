@@ -20,8 +20,9 @@ from tests.test_gateway import SITE, running_gateway, until
 from simulators.vpp import utc_iso_ms
 
 
-def profile_with_charger(tmp_path, broker_port: int, ocpp_port: int) -> Profile:
+def profile_with_charger(tmp_path, broker_port: int, ocpp_port: int, grid: dict | None = None) -> Profile:
     return Profile.model_validate({
+        "grid": grid or {},
         "site": {"id": SITE},
         "control": {"cycle_s": 0.5},
         "uplink": {"mqtt": {"host": "127.0.0.1", "port": broker_port},
@@ -88,3 +89,29 @@ async def test_charging_follows_the_cheapest_slots_and_the_drivers_departure(tmp
                 [e for e in vpp.events if e["type"] == "ev_preferences_rejected"], 3, "both rejections")
             assert "no EV is plugged in" in rejected[0]["detail"]["reason"]
             assert "energy_kwh" in rejected[1]["detail"]["reason"]
+
+
+async def test_plans_keep_within_the_sites_import_limit_and_report_what_it_costs(tmp_path, mosquitto):
+    ocpp_port = free_port()
+    profile = profile_with_charger(tmp_path, mosquitto.port, ocpp_port, grid={"import_limit_kw": 8.0})
+    async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+        await until(lambda: vpp.telemetry, 5, "the gateway publishing")
+        async with OcppSimulator(f"ws://127.0.0.1:{ocpp_port}/ocpp",
+                                 [StationSpec("CP1", "2.0.1", max_current_a=16, meter_interval_s=0.2)]) as sim:
+            station = sim.stations[0]
+            await station.wait_connected()
+            assert await station.plug_in(EvSpec(id_tag="TAG1", max_power_kw=11.0, soc_pct=20, capacity_kwh=60))
+            await until(lambda: plans(vpp), 5, "a plan for the session")
+            departure = utc_iso_ms(time.time() + 45 * 60)
+            await vpp.send_raw(json.dumps({"asset_id": "ev1", "departure": departure, "energy_kwh": 5.0}),
+                               leaf="ev/preferences")
+            plan = await until(lambda: [p for p in plans(vpp) if p["departure_source"] == "driver"], 5, "replanned")
+            # 8 kW of import at most: the plan charges below the charger's 11 kW
+            assert plan[-1]["shortfall_kwh"] == 0.0 and 4.14 <= plan[-1]["charge_kw_now"] <= 8.0 + 1e-6
+
+            # The DSO cuts the import to 3 kW for the next hours: below the charger's minimum.
+            sent = await vpp.send_schedule("connection_limits", [{"import_limit_kw": 3.0}] * 4, resolution_s=3600)
+            assert (await vpp.wait_schedule_ack(sent["id"]))["status"] == "accepted"
+            short = await until(lambda: [p for p in plans(vpp) if p["shortfall_kwh"] > 0], 5, "shortfall reported")
+            assert short[-1]["expected_energy_kwh"] == 0.0 and short[-1]["shortfall_kwh"] == pytest.approx(5.0, abs=0.2)
+            await until(lambda: station.profiles and station.profiles[-1].limit == 0.0, 3, "charging stopped")
