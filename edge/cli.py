@@ -52,7 +52,9 @@ def summary(profile) -> str:
     lines = [
         f"site     {profile.site.id}" + (f" ({profile.site.name})" if profile.site.name else "") + f", {profile.site.timezone}",
         f"control  cycle {profile.control.cycle_s:g} s, setpoint timeout {profile.control.setpoint_timeout_s:g} s, "
-        f"fallback ramp {profile.control.fallback.ramp_kw_per_s:g} kW/s",
+        f"fallback ramp {profile.control.fallback.ramp_kw_per_s:g} kW/s, allocation {profile.control.allocation}"
+        + (f", committed band +{_kw(profile.control.committed_band_up_kw)}/-{_kw(profile.control.committed_band_down_kw)}"
+           if profile.control.committed_band_up_kw or profile.control.committed_band_down_kw else ""),
         f"uplink   mqtt {mqtt.host}:{mqtt.port} (MQTT {mqtt.protocol}, tls {tls}, auth {auth}), "
         f"topics {mqtt.topic_prefix}/{profile.site.id}/..., client id {profile.client_id}",
         f"spool    {spool.path} (cap {spool.max_mb:g} MB, backlog {spool.backlog_msgs_per_s:g} msg/s)",
@@ -68,9 +70,26 @@ def summary(profile) -> str:
         tags = f" ({len(ocpp.authorize.id_tags)} tags)" if ocpp.authorize.mode == "local_list" else ""
         lines.append(f"ocpp     {scheme}://{ocpp.host}:{ocpp.port}{ocpp.path}/<charge point id>, security profile "
                      f"{ocpp.security_profile}, authorize {ocpp.authorize.mode}{tags}")
+    functions = profile.functions
+    if functions is not None and functions.fcr is not None:
+        fcr = functions.fcr
+        lines.append(f"fcr      {fcr.capacity_kw:g} kW, deadband {fcr.deadband_mhz:g} mHz, full at {fcr.full_deviation_mhz:g} mHz "
+                     f"in {fcr.full_activation_s:g} s, frequency from {fcr.frequency_source}")
+    if functions is not None and functions.q_u is not None:
+        q_u = functions.q_u
+        lines.append(f"q(u)     {len(q_u.curve)}-point curve, up to {q_u.q_max_kvar:g} kvar, every {q_u.update_interval_s:g} s, "
+                     f"voltage from {q_u.voltage_source}")
+    if profile.ev_charging is not None:
+        ev = profile.ev_charging
+        lines.append(f"ev       smart charging, defaults: departure after {ev.default_departure_after_h:g} h, "
+                     f"{ev.default_energy_kwh:g} kWh")
     lines.append(f"assets   {len(profile.assets)}")
     for asset in profile.assets:
         flags = []
+        if asset.priority != 100 and profile.control.allocation == "merit_order":
+            flags.append(f"priority {asset.priority}")
+        if asset.ramp_kw_per_s:
+            flags.append(f"ramp {asset.ramp_kw_per_s:g} kW/s")
         if not asset.controllable:
             flags.append("not controllable")
         if getattr(asset, "connection_point", False):
