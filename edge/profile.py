@@ -12,6 +12,7 @@ or less import).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -330,6 +331,13 @@ def _problems_from(error: ValidationError, doc: YamlDocument) -> list[ProfilePro
             message = f"must be letters, digits, '_', '.' or '-' (at most 64), got {item.get('input')!r}"
         elif item["type"] in ("float_parsing", "int_parsing", "int_from_float", "float_type", "int_type", "bool_parsing"):
             message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {item.get('input')!r}"
+        if not loc:
+            # A cross-check names the key it is about ("functions.fcr.frequency_source: ..."):
+            # point at that key's line rather than the top of the file.
+            named = re.match(r"([A-Za-z_][\w.]*(?:\[\d+\][\w.]*)*): ", message)
+            if named:
+                loc = tuple(int(p) if p.isdigit() else p for p in re.findall(r"[A-Za-z_]\w*|\d+", named.group(1)))
+                message = message[named.end():]
         path = _path_text(loc)
         problems.append(ProfileProblem(doc.name, doc.line_of(loc), path, message))
     return problems

@@ -98,6 +98,11 @@ def test_cross_checks(tmp_path):
     text = GOOD.replace("    host: 127.0.0.1\n", "    host: 127.0.0.1\n    serial: {port: /dev/ttyS0}\n")
     with pytest.raises(ProfileError, match=r"site.yaml:7 assets\[0\]: give exactly one of host"):
         load_profile(write(tmp_path, text))
+    # a cross-check naming a key points at that key's line
+    text = GOOD + "functions:\n  fcr:\n    capacity_kw: 10\n    frequency_source: nowhere\n"
+    line = text.splitlines().index("    frequency_source: nowhere") + 1
+    with pytest.raises(ProfileError, match=rf"site.yaml:{line} functions.fcr.frequency_source: no asset 'nowhere'"):
+        load_profile(write(tmp_path, text))
 
 
 @pytest.mark.parametrize(
