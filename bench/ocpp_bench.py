@@ -21,8 +21,9 @@ Prints: the daemon's CPU (% of one core) with meter values only and with the
 setpoints, its memory (RSS); the time from a setpoint's publication to each
 station's answer to its SetChargingProfile (both read time.monotonic(), one
 clock for all processes on Linux), to the first and to the last of the N
-(p50, p99, max); cycle figures from the telemetry's `gateway` block; the
-simulators' CPU; and the VM's steal time.  Raises the soft limit on open files
+(p50, p99, max); cycle figures from the telemetry's `gateway` block (and the
+loop lag while only meter values flow); the simulators' CPU; and the VM's
+steal time.  Raises the soft limit on open files
 (inherited by every child) if N connections would not fit.  Loopback only;
 bounded in time: every wait has a deadline and the simulators stop on their own.
 BENCH_PROFILE=<file> runs the daemon under cProfile; BENCH_DAEMON_LOG=<file>
@@ -195,6 +196,7 @@ async def run(count: int, cycle_s: float, setpoint_interval_s: float, meter_inte
             await asyncio.sleep(warmup_s)
 
             # Meter values only: the cost of N connections at rest.
+            meter_seq = vpp.telemetry[-1]["seq"]
             cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
             await asyncio.sleep(meter_only_s)
             meter_only_cpu = 100 * (cpu_seconds(daemon.pid) - cpu0) / (time.monotonic() - t0)
@@ -218,6 +220,7 @@ async def run(count: int, cycle_s: float, setpoint_interval_s: float, meter_inte
             daemon_files = len(os.listdir(f"/proc/{daemon.pid}/fd"))
             await asyncio.sleep(1.0)
             telemetry = [t for t in vpp.telemetry if t["seq"] > first_seq]
+            meter_telemetry = [t for t in vpp.telemetry if meter_seq < t["seq"] <= first_seq]
             events = list(vpp.events)
             rejected = vpp.acks_rejected
         for proc in simulators:
@@ -251,6 +254,7 @@ async def run(count: int, cycle_s: float, setpoint_interval_s: float, meter_inte
     durations = [t["gateway"]["cycle_duration_ms_last"] for t in telemetry if t["gateway"]["cycle_duration_ms_last"] is not None]
     lateness = [t["gateway"]["cycle_lateness_ms_last"] for t in telemetry if t["gateway"]["cycle_lateness_ms_last"] is not None]
     lags = [t["gateway"]["loop_lag_ms_max_since_last"] for t in telemetry]
+    meter_lags = [t["gateway"]["loop_lag_ms_max_since_last"] for t in meter_telemetry]
     ms = lambda values, q: round(percentile(values, q), 2)  # noqa: E731
     return {
         "chargers": count,
@@ -276,6 +280,9 @@ async def run(count: int, cycle_s: float, setpoint_interval_s: float, meter_inte
         "cycle_duration_ms": {"p50": ms(durations, 50), "p99": ms(durations, 99), "max": round(max(durations, default=0), 2)},
         "cycle_lateness_ms": {"p50": ms(lateness, 50), "p99": ms(lateness, 99), "max": round(max(lateness, default=0), 2)},
         "loop_lag_ms_max_per_cycle": {"p50": ms(lags, 50), "p99": ms(lags, 99), "max": round(max(lags, default=0), 2)},
+        "meter_values_only_cycles": len(meter_telemetry),
+        "meter_values_only_loop_lag_ms_max_per_cycle": {"p50": ms(meter_lags, 50), "p99": ms(meter_lags, 99),
+                                                        "max": round(max(meter_lags, default=0), 2)},
         "setpoints": len(sends),
         "setpoints_rejected": rejected,
         "setpoints_fully_acknowledged": len(lasts),

@@ -17,6 +17,9 @@ Public API
     ``set_target_kw(t)``: t <= 0 charges at most |t| kW, t > 0 means 0, None
     relaxes to the full rating.  Sent as SetChargingProfile when the limit
     moves beyond ``deadband_kw``; below the minimum current the limit is 0.
+    Never blocks: the charger's turn is queued with the central system's
+    ``LoopPacer`` (``drivers.ocpp.pacing``), which spreads the sends of a
+    burst, and the incoming messages, over loop iterations.
 
 ``OcppCentralSystem(server_cfg, chargers, emit_event)`` (``drivers.ocpp.central``)
     The server on its own, e.g. for tools and benchmarks; see its docstring.

@@ -17,6 +17,9 @@
 ``system.remove_charger(asset_id)``
     Forget a charger and close its link.
 
+``system.pacer``: the ``LoopPacer`` (``drivers.ocpp.pacing``) through which all
+chargers' commands and incoming messages pass, a few per loop iteration.
+
 Handshake rules: the URL is ``<path>/<charge_point_id>``; an unknown id gets
 HTTP 404 and an ``ocpp_unknown_charge_point`` event (at most one a minute per id); a charger with a password
 must send HTTP Basic credentials with its charge point id as user name (401
@@ -52,6 +55,7 @@ from edge.asset import EventSink
 from drivers.ocpp.commands import command_loop
 from drivers.ocpp.config import OcppCharger, OcppServer
 from drivers.ocpp.handlers import CentralPoint16, CentralPoint201
+from drivers.ocpp.pacing import LoopPacer
 from drivers.ocpp.session import ChargerSession, TagHasher
 
 log = logging.getLogger("flexedge.drivers.ocpp")
@@ -101,6 +105,9 @@ class OcppCentralSystem:
         self.started = asyncio.Event()
         self.bound_port: int | None = None
         self._pending = list(chargers)
+        # One work budget per loop iteration for all chargers: bursts (a setpoint moving every
+        # limit, meter values arriving together) are spread over iterations (drivers.ocpp.pacing).
+        self.pacer = LoopPacer()
         self._last_refusal: dict[tuple[str, str], float] = {}
 
     # ---------------------------------------------------------- chargers
@@ -115,6 +122,7 @@ class OcppCentralSystem:
             raise ValueError(f"charge_point_id {charger.charge_point_id!r} is used by two assets "
                              f"({self.sessions[charger.charge_point_id].charger.id!r} and {charger.id!r})")
         session = ChargerSession(charger, emit_event or self.emit_event, self._hash_tag)
+        session.pacer = self.pacer
         self.sessions[charger.charge_point_id] = session
         self._by_asset[charger.id] = charger.charge_point_id
         return session
@@ -211,7 +219,7 @@ class OcppCentralSystem:
         version = "2.0.1" if connection.subprotocol == "ocpp2.0.1" else "1.6"
         point_class = CentralPoint201 if version == "2.0.1" else CentralPoint16
         point = point_class(cp_id, connection, session, self.authorize, self.cfg.heartbeat_interval_s,
-                            self.cfg.call_timeout_s)
+                            self.cfg.call_timeout_s, pacer=self.pacer)
         session.on_connected(version, _remote(connection))
         commands = asyncio.create_task(command_loop(point, session, version), name=f"ocpp-commands-{cp_id}")
         reason = "closed"

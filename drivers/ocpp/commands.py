@@ -1,9 +1,10 @@
 """Commands from the central system to one connected charger.
 
 ``command_loop(point, session, version)`` runs beside the receive loop of a
-connection: it first asks the charger for its connector status
+connection: on its first turn it asks the charger for its connector status
 (TriggerMessage), then sends a SetChargingProfile whenever the session's
 target moves the limit beyond the deadband (see ``drivers.ocpp.limits``).
+Turns come from the central system's ``LoopPacer`` (``drivers.ocpp.pacing``).
 A rejection, a CALLERROR or no answer within ``call_timeout_s`` is a failed
 command: the session emits ``command_failed`` and is degraded, and the limit
 is tried again with capped backoff until accepted or replaced.
@@ -122,28 +123,46 @@ async def send_limit(point, session: ChargerSession, version: str, limit: Charge
 
 
 async def command_loop(point, session: ChargerSession, version: str) -> None:
+    """Runs while the link is up.  Works only on its turns (``session.command_wakeup``), which the
+    central system's pacer hands out a few per loop iteration, so a setpoint that moves 500
+    chargers does not become one 100 ms iteration; a turn that finds the iteration's slice full
+    goes back to the front of the queue.  Retries wait for a timer, then for a turn too."""
     charger = session.charger
-    await trigger_status(point, version, charger)
+    pacer = session.pacer
+    loop = asyncio.get_running_loop()
     failures = 0
-    while True:
-        retry_s = None
-        if failures:
+    retry: asyncio.TimerHandle | None = None
+    triggered = False
+    try:
+        while True:
+            await session.command_wakeup.wait()
+            session.command_wakeup.clear()
+            if pacer is not None and not pacer.admit():
+                pacer.submit(session, session.command_wakeup.set, front=True)
+                continue
+            if not triggered:
+                triggered = True
+                await trigger_status(point, version, charger)
+            if not session.target_given:
+                continue
+            limit = limit_for_target(charger, session.target_kw)
+            if not failures and not needs_sending(session.limit_in_force, limit, charger.deadband_kw):
+                continue
+            if purpose_for_safe(charger, version) == "TxProfile" and session.transaction_id is None:
+                failures = 0
+                continue  # a TxProfile needs a transaction; sent when one starts
+            if retry is not None:
+                retry.cancel()
+                retry = None
+            if await send_limit(point, session, version, limit):
+                failures = 0
+                continue
+            failures += 1
             ceiling = min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** min(failures - 1, 10))
-            retry_s = ceiling / 2 + random.random() * ceiling / 2
-        try:
-            await asyncio.wait_for(session.command_wakeup.wait(), retry_s)
-        except asyncio.TimeoutError:
-            pass
-        session.command_wakeup.clear()
-        if not session.target_given:
-            continue
-        limit = limit_for_target(charger, session.target_kw)
-        if not failures and not needs_sending(session.limit_in_force, limit, charger.deadband_kw):
-            continue
-        if purpose_for_safe(charger, version) == "TxProfile" and session.transaction_id is None:
-            failures = 0
-            continue  # a TxProfile needs a transaction; sent when one starts
-        failures = 0 if await send_limit(point, session, version, limit) else failures + 1
+            retry = loop.call_later(ceiling / 2 + random.random() * ceiling / 2, session.request_command)
+    finally:
+        if retry is not None:
+            retry.cancel()
 
 
 def purpose_for_safe(charger: OcppCharger, version: str) -> str | None:

@@ -23,6 +23,7 @@ from edge.asset import AssetReading, EventSink
 from drivers.ocpp.config import OcppCharger
 from drivers.ocpp.limits import ChargeLimit
 from drivers.ocpp.meter import MeterSample
+from drivers.ocpp.pacing import LoopPacer
 
 # 1.6 ChargePointStatus and 2.0.1 ConnectorStatus values meaning a vehicle is plugged in.
 EV_PRESENT = {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing", "Occupied"}
@@ -64,7 +65,11 @@ class ChargerSession:
         self.target_kw: float | None = None
         self.target_given = False
         self.limit_in_force: ChargeLimit | None = None
+        # Set when it is this charger's turn to (re)consider its command; the central system's
+        # pacer hands turns out a few per loop iteration (drivers.ocpp.pacing).  Without a
+        # pacer (a session on its own), a request sets it at once.
         self.command_wakeup = asyncio.Event()
+        self.pacer: LoopPacer | None = None
 
     def emit(self, event_type: str, detail: dict[str, Any]) -> None:
         self.emit_event(event_type, self.charger.id, {"charge_point_id": self.charger.charge_point_id, **detail})
@@ -75,7 +80,7 @@ class ChargerSession:
         self.connected = True
         self.ocpp_version = ocpp_version
         self.limit_in_force = None  # unknown after (re)connection: send again
-        self.command_wakeup.set()
+        self.request_command()
         self.emit("asset_online", {"ocpp_version": ocpp_version, "remote": remote})
 
     def on_disconnected(self, reason: str) -> None:
@@ -116,7 +121,7 @@ class ChargerSession:
         self.meter_start_wh = meter_start_wh
         self.limit_in_force = None  # a TxProfile belongs to one transaction: send the limit again
         self._set_ev_present(True)
-        self.command_wakeup.set()  # a TxProfile can only be sent now
+        self.request_command()  # a TxProfile can only be sent now
         self.emit("session_started", {"transaction_id": transaction_id, "id_tag_hash": self.tag_hash,
                                        "meter_start_wh": meter_start_wh})
 
@@ -151,9 +156,17 @@ class ChargerSession:
     # -------------------------------------------------------- command
 
     def set_target_kw(self, target_kw: float | None) -> None:
+        """Never blocks and wakes nothing at once: the charger's turn to send is queued (once)."""
         self.target_kw = target_kw
         self.target_given = True
-        self.command_wakeup.set()
+        self.request_command()
+
+    def request_command(self, front: bool = False) -> None:
+        """Ask for a turn of the command task: it then sends the newest target if it needs sending."""
+        if self.pacer is None:
+            self.command_wakeup.set()
+        elif self.connected:  # without a link there is no command task; on_connected asks again
+            self.pacer.submit(self, self.command_wakeup.set, front=front)
 
     def on_command_result(self, limit: ChargeLimit, accepted: bool, why: str) -> None:
         if accepted:
