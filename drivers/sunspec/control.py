@@ -185,12 +185,14 @@ def build_writes(
             if name.endswith("RvrtTms") or name in _OPTIONAL_POINTS:
                 continue  # optional: older or shorter model revisions lack them
             raise CommandError(f"model {model_id} has no point {name}")
-        if not refresh and (name.endswith("RvrtTms") or name in _OPTIONAL_POINTS) and block.raw(name) == value:
+        if not refresh and name.endswith("RvrtTms") and block.raw(name) == value:
             # The device already holds it (read back every poll).  Writing it again
             # would cost a second request: in 704 the timer is not adjacent to the
             # enable and the setpoint, and a new command must arrive at once.  The
             # refresh every cycle still rewrites the timer, for devices that restart
-            # it only when the timer itself is written.
+            # it only when the timer itself is written.  (A mode point, by contrast,
+            # sits between the enable and the value: leaving it out would split the
+            # command in two requests, so it is always written.)
             continue
         spec = block.layout.points[name]
         try:
