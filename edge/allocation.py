@@ -112,6 +112,8 @@ def _clamp_band(asset: AssetBand) -> AssetBand:
     """The physical band: gap fitted, and a baseline outside it (the device moved) pulled inside."""
     p_min, p_max, gap = _fit_gap(asset.p_min_kw, asset.p_max_kw, asset.gap_kw)
     baseline = min(max(asset.baseline_kw, p_min), p_max)
+    if (baseline, p_min, p_max, gap) == (asset.baseline_kw, asset.p_min_kw, asset.p_max_kw, asset.gap_kw):
+        return asset  # the usual case: nothing to fit (replace() costs as much as the rest)
     return replace(asset, baseline_kw=baseline, p_min_kw=p_min, p_max_kw=p_max, gap_kw=gap)
 
 
