@@ -50,7 +50,8 @@ class BenchUnit(SimulatedUnit):
     def signal_values(self) -> dict[str, Any]:
         values = super().signal_values()
         for name in ("p_measured", "q_measured"):
-            values[name] += self._noise.uniform(-self.ripple_kw, self.ripple_kw)
+            if name in values:  # a boiler has no reactive power
+                values[name] += self._noise.uniform(-self.ripple_kw, self.ripple_kw)
         return values
 
     def publish(self, transmit: bool = True) -> None:
@@ -89,9 +90,11 @@ async def start_units(specs: list[UnitSpec], args: argparse.Namespace, attempts:
 
 
 async def main(args: argparse.Namespace) -> None:
-    specs = [UnitSpec(kind="bess", max_charge_kw=100, max_discharge_kw=100, capacity_kwh=200, soc_pct=50)
+    specs = [UnitSpec(kind="bess", max_charge_kw=args.bess_kw, max_discharge_kw=args.bess_kw,
+                      capacity_kwh=2 * args.bess_kw, soc_pct=50)
              for _ in range(args.bess)]
-    specs += [UnitSpec(kind="p2h", min_load_kw=50, max_load_kw=500) for _ in range(args.p2h)]
+    specs += [UnitSpec(kind="p2h", min_load_kw=args.p2h_min_load_kw, max_load_kw=args.p2h_max_load_kw)
+              for _ in range(args.p2h)]
     sim = await start_units(specs, args)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -119,6 +122,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bess", type=int, default=25, help="battery units")
     parser.add_argument("--p2h", type=int, default=0, help="electric boilers")
+    parser.add_argument("--bess-kw", type=float, default=100.0, help="each battery's charge and discharge rating (2 h)")
+    parser.add_argument("--p2h-min-load-kw", type=float, default=50.0)
+    parser.add_argument("--p2h-max-load-kw", type=float, default=500.0)
     parser.add_argument("--update-s", type=float, default=0.1, help="physics tick: changed values are sent this often")
     parser.add_argument("--ripple-kw", type=float, default=0.5, help="measurement noise on P and Q, +- kW")
     parser.add_argument("--max-s", type=float, default=600.0, help="stop after this long even without SIGTERM")
