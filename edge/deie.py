@@ -299,7 +299,8 @@ class DeieLink:
                 if not up:
                     self._down_since = time.monotonic()
                 self._loss_handled = False
-                log.warning("DEIE link %s", "up" if up else "down")
+                # A link coming up is news; one going down is a warning (the orders stay in force).
+                log.log(logging.INFO if up else logging.WARNING, "DEIE link %s", "up" if up else "down")
                 self._emit("deie_link", None, {"up": up, "role": self.cfg.role})
             if not up and not self._loss_handled and time.monotonic() - self._down_since >= self.cfg.link_loss_timeout_s:
                 self._loss_handled = True
