@@ -27,7 +27,9 @@ unit, to the first and to the last of the N (both read time.monotonic(),
 one clock for every process on Linux); the event-loop lag and the cycle
 figures from the telemetry's `gateway` block; the simulators' spontaneous
 frame rate and CPU; the CPU everything else on the machine used meanwhile;
-and the VM's steal time.  Loopback only; bounded in time: every
+and the VM's steal time.  --gateway-cpus / --sim-cpus pin the gateway and the
+simulators to CPUs (e.g. 0 and 1), so that the simulated units, which stand in
+for separate devices, do not take the gateway's core.  Loopback only; bounded in time: every
 wait has a deadline and the simulators stop on their own.
 """
 
@@ -86,8 +88,13 @@ def profile_for(units: list[dict], broker_port: int, cycle_s: float, spool: Path
     }
 
 
+def pinned(cpus: set[int] | None):
+    """A preexec_fn that pins the child process to `cpus` (None: any CPU, as scheduled)."""
+    return None if not cpus else (lambda: os.sched_setaffinity(0, cpus))
+
+
 async def start_simulators(count: int, processes: int, update_s: float, max_s: float,
-                           workdir: Path) -> tuple[list[subprocess.Popen], list[dict]]:
+                           workdir: Path, cpus: set[int] | None = None) -> tuple[list[subprocess.Popen], list[dict]]:
     """Units in `processes` processes: real units answer in parallel, one Python process would not."""
     procs, readies = [], []
     sizes = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
@@ -96,7 +103,8 @@ async def start_simulators(count: int, processes: int, update_s: float, max_s: f
         readies.append(ready)
         procs.append(subprocess.Popen([
             sys.executable, str(ROOT / "bench" / "iec104_sim_host.py"), "--bess", str(size), "--update-s", str(update_s),
-            "--max-s", str(max_s), "--ready-file", str(ready), "--commands-file", str(workdir / f"sim-commands-{index}.json")]))
+            "--max-s", str(max_s), "--ready-file", str(ready), "--commands-file", str(workdir / f"sim-commands-{index}.json")],
+            preexec_fn=pinned(cpus)))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if all(r.exists() and r.read_text() for r in readies):
@@ -136,19 +144,21 @@ def round_trips_ms(log_path: Path, from_epoch_s: float, to_epoch_s: float) -> li
     return trips
 
 
-async def run(units: int, cycle_s: float, duration_s: float, warmup_s: float, sim_processes: int, update_s: float) -> dict:
+async def run(units: int, cycle_s: float, duration_s: float, warmup_s: float, sim_processes: int, update_s: float,
+              gateway_cpus: set[int] | None = None, sim_cpus: set[int] | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="flexedge-iec104-bench-"))
     simulators: list[subprocess.Popen] = []
     mosquitto, port = await start_mosquitto(workdir)
     try:
         simulators, sim_units = await start_simulators(
-            units, sim_processes, update_s, READY_TIMEOUT_S + warmup_s + duration_s + 60, workdir)
+            units, sim_processes, update_s, READY_TIMEOUT_S + warmup_s + duration_s + 60, workdir, sim_cpus)
         profile_path = workdir / "bench.yaml"
         profile_path.write_text(yaml.safe_dump(profile_for(sim_units, port, cycle_s, workdir / "spool.sqlite")))
         daemon_log = workdir / "daemon.log"
         with open(daemon_log, "wb") as log_file:
             daemon = subprocess.Popen([sys.executable, "-c", GATEWAY, "run", str(profile_path),
-                                       "--log-level", "warning", "--log-format", "json"], stderr=log_file, cwd=ROOT)
+                                       "--log-level", "warning", "--log-format", "json"], stderr=log_file, cwd=ROOT,
+                                      preexec_fn=pinned(gateway_cpus))
         valid_s = max(10.0, 5 * cycle_s)
         try:
             async with VppSimulator("127.0.0.1", port, "flexedge", "bench", valid_s=valid_s) as vpp:
@@ -219,6 +229,9 @@ async def run(units: int, cycle_s: float, duration_s: float, warmup_s: float, si
     return {
         "units": units,
         "simulator_processes": sim_processes,
+        "update_s": update_s,
+        "gateway_cpus": sorted(gateway_cpus) if gateway_cpus else "any",
+        "simulator_cpus": sorted(sim_cpus) if sim_cpus else "any",
         "cycle_s": cycle_s,
         "duration_s": round(t1 - t0, 1),
         "spontaneous_frames_per_s_per_unit": round(spontaneous_frames / unit_seconds, 1) if unit_seconds else None,
@@ -259,12 +272,16 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--sim-processes", type=int, default=2, help="processes the simulated units are spread over")
     parser.add_argument("--update-s", type=float, default=0.1, help="simulator tick: each unit sends P and Q this often")
+    parser.add_argument("--gateway-cpus", default="", help="pin the gateway to these CPUs, e.g. 0 (default: not pinned)")
+    parser.add_argument("--sim-cpus", default="", help="pin the simulators to these CPUs, e.g. 1 (default: not pinned)")
     args = parser.parse_args()
     if not 1 <= args.units <= 200 or not 10 <= args.duration_s <= 1800 or not 0.5 <= args.cycle_s <= 10:
         parser.error("--units 1..200, --duration-s 10..1800, --cycle-s 0.5..10")
     if not 1 <= args.sim_processes <= args.units or not 0.01 <= args.update_s <= 10:
         parser.error("--sim-processes 1..units, --update-s 0.01..10")
-    result = asyncio.run(run(args.units, args.cycle_s, args.duration_s, args.warmup_s, args.sim_processes, args.update_s))
+    cpus = lambda text: {int(c) for c in text.split(",") if c.strip()} or None  # noqa: E731
+    result = asyncio.run(run(args.units, args.cycle_s, args.duration_s, args.warmup_s, args.sim_processes, args.update_s,
+                             cpus(args.gateway_cpus), cpus(args.sim_cpus)))
     print(json.dumps(result, indent=2))
 
 
