@@ -324,89 +324,86 @@ async def test_grid_operator_orders_win_over_the_vpp_at_once(tmp_path, mosquitto
             await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "activation back")
 
 
-async def test_deie_orders_over_iec104_cap_the_site_and_lift(tmp_path, mosquitto):
-    """The grid operator's side (simulators.deie) sends real IEC 104 orders to the running gateway."""
-    from simulators.deie import Confirmation, DeieOperator
-
+@asynccontextmanager
+async def deie_site(tmp_path, broker_port: int):
+    """A 20 kW PV inverter and a 10 kW battery, the gateway with a DEIE server, the VPP:
+    yields (pv, bess, gateway, vpp, deie_port) once all are up."""
     from conftest import free_port
 
     specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=16.0), DeviceSpec(kind="storage", rated_kw=10.0)]
     async with SunSpecSimulator(specs) as sim:
         pv, bess = sim.devices
         deie_port = free_port()
-        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=1.0)
+        profile = make_profile(tmp_path, broker_port, sim.devices, cycle_s=1.0)
         grid = {"deie": {"host": "127.0.0.1", "port": deie_port, "installed_kw": 30.0}}
         profile = Profile.model_validate({**profile.model_dump(mode="json"), "grid": grid})
-        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", broker_port, "flexedge", SITE) as vpp:
             await until(online(vpp, 2), 10, "assets online")
             await until(lambda: gateway.deie is not None and gateway.deie.serving, 5, "DEIE server listening")
-            sent = await vpp.send_setpoint(8.0, valid_s=60)
-            await vpp.wait_ack(sent["id"])
-            await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "VPP activation delivered")
-            async with DeieOperator("127.0.0.1", deie_port) as operator:
-                ordered_at = time.monotonic()
-                assert await operator.send_limit_kw(12.0) == Confirmation.POSITIVE
-                # enforced within the cycle: the devices get their commands at once, then ramp
-                await bess.next_write("WSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
-                await until(lambda: pv.power_kw + bess.power_kw <= 12.1, 2.5, "site capped by the DEIE")
-                # the operator sees the site's power reported back
-                await operator.wait_measurement("p_measured", lambda v: v is not None and v <= 12.5, timeout_s=15)
-                assert await operator.send_limit_kw(float("nan")) == Confirmation.NEGATIVE
-                assert gateway.controller.grid_orders.export_limit_kw == 12.0  # invalid order changed nothing
-                assert await operator.send_disconnect() == Confirmation.POSITIVE
-                await until(lambda: pv.power_kw < 0.1 and bess.power_kw <= 0.01, 2.5, "nothing produces")
-                assert await operator.send_reconnect() == Confirmation.POSITIVE
-                assert await operator.send_limit(None) == Confirmation.POSITIVE  # lift the limit
-                await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "VPP activation back")
-            # link lost: the last orders (none now) stay; an event says the link went down
-            await until(lambda: any(e["type"] == "deie_link" and e["detail"].get("up") is False for e in vpp.events),
-                        5, "link-down event")
-            types = {e["type"] for e in vpp.events}
-            assert {"grid_order_received", "grid_order_rejected", "grid_order_applied"} <= types
+            yield pv, bess, gateway, vpp, deie_port
+
+
+async def test_deie_orders_over_iec104_cap_the_site_and_lift(tmp_path, mosquitto):
+    """The grid operator's side (simulators.deie) sends real IEC 104 orders to the running gateway."""
+    from simulators.deie import Confirmation, DeieOperator
+
+    async with deie_site(tmp_path, mosquitto.port) as (pv, bess, gateway, vpp, deie_port):
+        sent = await vpp.send_setpoint(8.0, valid_s=60)
+        await vpp.wait_ack(sent["id"])
+        await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "VPP activation delivered")
+        async with DeieOperator("127.0.0.1", deie_port) as operator:
+            ordered_at = time.monotonic()
+            assert await operator.send_limit_kw(12.0) == Confirmation.POSITIVE
+            # enforced within the cycle: the devices get their commands at once, then ramp
+            await bess.next_write("WSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+            await until(lambda: pv.power_kw + bess.power_kw <= 12.1, 2.5, "site capped by the DEIE")
+            # the operator sees the site's power reported back
+            await operator.wait_measurement("p_measured", lambda v: v is not None and v <= 12.5, timeout_s=15)
+            assert await operator.send_limit_kw(float("nan")) == Confirmation.NEGATIVE
+            assert gateway.controller.grid_orders.export_limit_kw == 12.0  # invalid order changed nothing
+            assert await operator.send_disconnect() == Confirmation.POSITIVE
+            await until(lambda: pv.power_kw < 0.1 and bess.power_kw <= 0.01, 2.5, "nothing produces")
+            assert await operator.send_reconnect() == Confirmation.POSITIVE
+            assert await operator.send_limit(None) == Confirmation.POSITIVE  # lift the limit
+            await until(lambda: abs(pv.power_kw + bess.power_kw - 24.0) < 0.2, 3, "VPP activation back")
+        # link lost: the last orders (none now) stay; an event says the link went down
+        await until(lambda: any(e["type"] == "deie_link" and e["detail"].get("up") is False for e in vpp.events),
+                    5, "link-down event")
+        types = {e["type"] for e in vpp.events}
+        assert {"grid_order_received", "grid_order_rejected", "grid_order_applied"} <= types
 
 
 async def test_deie_reactive_power_and_tan_phi_orders_reach_the_inverters(tmp_path, mosquitto):
     """Q and tan(phi) orders from the grid operator become 704 VarSet writes, shared by reactive rating."""
     from simulators.deie import Confirmation, DeieOperator
 
-    from conftest import free_port
-
     # Reactive ratings (702 VarMaxInj/VarMaxAbs in the simulator): 0.44 x rating: 8.8 and 4.4 kvar.
-    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=16.0), DeviceSpec(kind="storage", rated_kw=10.0)]
-    async with SunSpecSimulator(specs) as sim:
-        pv, bess = sim.devices
-        deie_port = free_port()
-        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=1.0)
-        grid = {"deie": {"host": "127.0.0.1", "port": deie_port, "installed_kw": 30.0}}
-        profile = Profile.model_validate({**profile.model_dump(mode="json"), "grid": grid})
-        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
-            await until(online(vpp, 2), 10, "assets online")
-            await until(lambda: gateway.deie is not None and gateway.deie.serving, 5, "DEIE server listening")
-            async with DeieOperator("127.0.0.1", deie_port) as operator:
-                ordered_at = time.monotonic()
-                assert await operator.send_q_kvar(-6.0) == Confirmation.POSITIVE  # absorb 6 kvar
-                write = await pv.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
-                assert write.value == pytest.approx(-4000.0, abs=20)  # 6 x 8.8 / 13.2 kvar, in var
-                write = await bess.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
-                assert write.value == pytest.approx(-2000.0, abs=20)
-                await until(lambda: abs(pv.q_kvar + bess.q_kvar + 6.0) < 0.1, 3, "site absorbs 6 kvar")
-                message = await until(lambda: vpp.telemetry[-1]["site"]["q_requested_kvar"] == -6.0 and vpp.telemetry[-1],
-                                      3, "the order in telemetry")
-                Telemetry.model_validate(message)
-                assert message["grid_orders"]["reactive_setpoint_kvar"] == -6.0
-                assert message["assets"]["pv0"]["q_setpoint_kvar"] == pytest.approx(-4.0, abs=0.05)
+    async with deie_site(tmp_path, mosquitto.port) as (pv, bess, gateway, vpp, deie_port):
+        async with DeieOperator("127.0.0.1", deie_port) as operator:
+            ordered_at = time.monotonic()
+            assert await operator.send_q_kvar(-6.0) == Confirmation.POSITIVE  # absorb 6 kvar
+            write = await pv.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+            assert write.value == pytest.approx(-4000.0, abs=20)  # 6 x 8.8 / 13.2 kvar, in var
+            write = await bess.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+            assert write.value == pytest.approx(-2000.0, abs=20)
+            await until(lambda: abs(pv.q_kvar + bess.q_kvar + 6.0) < 0.1, 3, "site absorbs 6 kvar")
+            message = await until(lambda: vpp.telemetry[-1]["site"]["q_requested_kvar"] == -6.0 and vpp.telemetry[-1],
+                                  3, "the order in telemetry")
+            Telemetry.model_validate(message)
+            assert message["grid_orders"]["reactive_setpoint_kvar"] == -6.0
+            assert message["assets"]["pv0"]["q_setpoint_kvar"] == pytest.approx(-4.0, abs=0.05)
 
-                # tan(phi) = Q / P: the site exports 16 kW, so -0.25 asks for -4 kvar.
-                ordered_at = time.monotonic()
-                assert await operator.send_tan_phi(-0.25) == Confirmation.POSITIVE
-                write = await pv.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
-                assert write.value == pytest.approx(-4000.0 * 8.8 / 13.2, rel=0.05)
-                await until(lambda: abs(pv.q_kvar + bess.q_kvar + 4.0) < 0.3, 3, "site follows tan(phi)")
+            # tan(phi) = Q / P: the site exports 16 kW, so -0.25 asks for -4 kvar.
+            ordered_at = time.monotonic()
+            assert await operator.send_tan_phi(-0.25) == Confirmation.POSITIVE
+            write = await pv.next_write("VarSet", model_id=704, after_s=ordered_at, timeout_s=0.5)
+            assert write.value == pytest.approx(-4000.0 * 8.8 / 13.2, rel=0.05)
+            await until(lambda: abs(pv.q_kvar + bess.q_kvar + 4.0) < 0.3, 3, "site follows tan(phi)")
 
-                # An order beyond the site's reactive ratings: all they have, and telemetry shows the gap.
-                assert await operator.send_q_kvar(30.0) == Confirmation.POSITIVE
-                message = await until(lambda: vpp.telemetry[-1]["site"]["q_requested_kvar"] == 30.0 and vpp.telemetry[-1],
-                                      3, "the large order in telemetry")
-                assert message["site"]["q_setpoint_kvar"] == pytest.approx(13.2, abs=0.1)
-        # Stopping the gateway releases reactive control too (VarSetEna = 0).
-        assert pv.image.get_raw(704, "VarSetEna") == 0
+            # An order beyond the site's reactive ratings: all they have, and telemetry shows the gap.
+            assert await operator.send_q_kvar(30.0) == Confirmation.POSITIVE
+            message = await until(lambda: vpp.telemetry[-1]["site"]["q_requested_kvar"] == 30.0 and vpp.telemetry[-1],
+                                  3, "the large order in telemetry")
+            assert message["site"]["q_setpoint_kvar"] == pytest.approx(13.2, abs=0.1)
+    # Stopping the gateway releases reactive control too (VarSetEna = 0).
+    assert pv.image.get_raw(704, "VarSetEna") == 0
