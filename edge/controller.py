@@ -465,14 +465,9 @@ class Controller:
                 target = target if asset.id in self._planned_kw else None
             if target is None and asset.id not in allocation.targets_kw and not release:
                 continue  # offline: nothing to command
-            previous = asset.commanded_kw
-            if target is None:
-                if previous is None:
-                    continue
-            elif previous is not None and abs(target - previous) < TARGET_DEADBAND_KW:
-                continue
-            asset.commanded_kw = target
-            asset.driver.set_target_kw(target)
+            if _changed(asset.commanded_kw, target):
+                asset.commanded_kw = target
+                asset.driver.set_target_kw(target)
 
     def _fcr_activation(self, readings: dict[str, AssetReading], mono: float, now: float) -> float:
         """The FCR droop's activation from its frequency source; a bad measurement is an event."""
@@ -556,14 +551,9 @@ class Controller:
     def _write_reactive(self, share: ReactiveShare | None) -> None:
         for asset in self.assets:
             target = share.targets_kvar.get(asset.id) if share is not None else None
-            previous = asset.commanded_kvar
-            if target is None:
-                if previous is None:
-                    continue
-            elif previous is not None and abs(target - previous) < TARGET_DEADBAND_KW:
-                continue
-            asset.commanded_kvar = target
-            asset.driver.set_target_kvar(target)
+            if _changed(asset.commanded_kvar, target):
+                asset.commanded_kvar = target
+                asset.driver.set_target_kvar(target)
 
     def _incapacity(self, requested_kw: float, allocation: Allocation) -> Incapacity | None:
         """The shortfall to report, or None.  Ramping toward an activation the band
@@ -760,6 +750,13 @@ class Controller:
                 "measurement_ok": qu.measurement_ok,
             },
         }
+
+
+def _changed(previous: float | None, target: float | None) -> bool:
+    """Whether a target (None: release) must be sent: it differs beyond the deadband."""
+    if target is None or previous is None:
+        return target is not previous
+    return abs(target - previous) >= TARGET_DEADBAND_KW
 
 
 def _round(value: float | None) -> float | None:
