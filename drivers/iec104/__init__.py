@@ -17,7 +17,8 @@ Public API
         Connects (STARTDT, general interrogation, clock sync on every
         connection), then takes spontaneous, periodic and interrogated values
         as they arrive.  A quiet link is probed with a read command (C_RD_NA_1
-        of ``p_measured``) every half cycle; no frame for two cycles, or the
+        of ``p_measured``, or of another monitored point while a read is still
+        in flight) every half cycle; no frame for two cycles, or the
         connection closing, marks the asset offline and reconnects with capped
         exponential backoff and jitter (about 0.1 s first, at most 30 s).
         Runs until cancelled.

@@ -116,7 +116,10 @@ class Iec104Driver(AssetDriver):
         self._wake = asyncio.Event()
         self._waiters: dict[tuple[int, int], asyncio.Future] = {}
         self._transmit: asyncio.Future | None = None
-        self._probe: asyncio.Future | None = None
+        # Read probes in flight, by signal: c104 can miss an answer that arrives before
+        # its calling thread waits, leaving a read blocked until its timeout; a stuck read
+        # on one point must not keep the next probe (on another point) from going out.
+        self._probes: dict[str, asyncio.Future] = {}
         self.commands_sent = 0
         self.commands_failed = 0
         self.last_command_s: float | None = None  # round trip of the last confirmed command
@@ -161,8 +164,8 @@ class Iec104Driver(AssetDriver):
                 group.create_task(self._command_loop(), name=f"iec104-{self.asset_id}-commands")
                 await self._connection_loop()
         finally:
-            if self._probe is not None:
-                self._probe.cancel()
+            for probe in self._probes.values():
+                probe.cancel()
             client, self._client = self._client, None
             if client is not None:
                 await asyncio.shield(_blocking(client.stop))
@@ -329,16 +332,27 @@ class Iec104Driver(AssetDriver):
                     self._link_dead = f"no frame from {self.endpoint} for {silent_s:.2f} s"
                     self._note_failure(self._link_dead)
                     self._state_changed.set()
-                elif silent_s > self.probe_after_s and now - self._last_probe > self.probe_after_s \
-                        and (self._probe is None or self._probe.done()):
+                elif silent_s > self.probe_after_s and now - self._last_probe > self.probe_after_s:
                     # A quiet unit is not a dead one: a read command draws an answer.
-                    self._last_probe = now
-                    self._probe = asyncio.ensure_future(self._read_probe())
+                    signal = self._probe_signal()
+                    if signal is not None:
+                        self._last_probe = now
+                        self._probes[signal] = asyncio.ensure_future(self._read_probe(signal))
             elif self._online is None and now - started > self.offline_after_s:
                 self._set_online(False, self._last_error)
 
-    async def _read_probe(self) -> None:
-        """Read the measured power (C_RD_NA_1): the answer is a frame, which ``_on_raw`` notes as heard.
+    def _probe_signal(self) -> str | None:
+        """A monitored signal with no read in flight, the measured power first."""
+        for signal in sorted(self.points, key=lambda name: name != "p_measured"):
+            if self.points[signal].type.startswith("C_") or signal not in self._remote_points:
+                continue
+            probe = self._probes.get(signal)
+            if probe is None or probe.done():
+                return signal
+        return None
+
+    async def _read_probe(self, signal: str = "p_measured") -> None:
+        """Read a monitored point (C_RD_NA_1): the answer is a frame, which ``_on_raw`` notes as heard.
 
         Any answer will do: the value (COT 5) or, from a unit without reads, a negative
         confirmation.  Not a test command (C_TS_TA_1): c104 2.2.1 prints "Unsupported type
@@ -346,7 +360,7 @@ class Iec104Driver(AssetDriver):
         (or c104's command timeout), so it runs in a worker thread, one at a time.
         """
         try:
-            await _blocking(self._remote_points["p_measured"].read)
+            await _blocking(self._remote_points[signal].read)
         except Exception as error:  # e.g. c104 refusing a second read in flight: the next check tries again
             log.debug("%s: read probe not sent: %r", self.asset_id, error)
 
