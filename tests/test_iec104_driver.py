@@ -186,7 +186,9 @@ async def test_restart_recovered_without_stalling_other_driver():
             assert record.value == 25.0 and record.accepted
             lagger.cancel()
             print(f"offline after {offline_s:.3f} s, max loop lag {max(lags) * 1000:.1f} ms")
-            assert max(lags) < 0.1
+            # A stall would be a blocking connect or stop on the loop: a second or more.  The
+            # bound leaves room for a loaded CI machine (GIL hand-overs to c104's threads).
+            assert max(lags) < 0.25
             assert "asset_offline" in run_a.kinds() and run_a.kinds().count("asset_online") == 2
 
 

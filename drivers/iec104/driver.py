@@ -120,6 +120,7 @@ class Iec104Driver(AssetDriver):
         # its calling thread waits, leaving a read blocked until its timeout; a stuck read
         # on one point must not keep the next probe (on another point) from going out.
         self._probes: dict[str, asyncio.Future] = {}
+        self._probe_calls: set[asyncio.Future] = set()  # the reads themselves, in worker threads
         self.commands_sent = 0
         self.commands_failed = 0
         self.last_command_s: float | None = None  # round trip of the last confirmed command
@@ -166,6 +167,13 @@ class Iec104Driver(AssetDriver):
         finally:
             for probe in self._probes.values():
                 probe.cancel()
+            # A read or a command still blocked in c104 must end before its client is
+            # stopped: stopping the client under a thread inside it can crash the process.
+            in_c104 = {call for call in self._probe_calls if not call.done()}
+            if self._transmit is not None and not self._transmit.done():
+                in_c104.add(self._transmit)
+            if in_c104:
+                await asyncio.shield(asyncio.wait(in_c104, timeout=self.asset.command_timeout_s + 0.5))
             client, self._client = self._client, None
             if client is not None:
                 await asyncio.shield(_blocking(client.stop))
@@ -360,7 +368,10 @@ class Iec104Driver(AssetDriver):
         (or c104's command timeout), so it runs in a worker thread, one at a time.
         """
         try:
-            await _blocking(self._remote_points[signal].read)
+            call = asyncio.get_running_loop().run_in_executor(_C104_CALLS, self._remote_points[signal].read)
+            self._probe_calls.add(call)
+            call.add_done_callback(self._probe_calls.discard)
+            await call
         except Exception as error:  # e.g. c104 refusing a second read in flight: the next check tries again
             log.debug("%s: read probe not sent: %r", self.asset_id, error)
 
