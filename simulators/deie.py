@@ -215,15 +215,15 @@ class DeieOperator:
         async with lock:
             started = time.monotonic()
             ok = await asyncio.to_thread(_transmit, point, _c104_value(type, value))
-            if ok:
-                return Confirmation.POSITIVE
-            for _ in range(10):  # the raw callback may trail transmit() by a moment
+            # The ACT_CON frame decides, not transmit()'s answer: c104 2.2.1 can miss a
+            # confirmation and hand the next one to the wrong call (docs/drivers/iec104.md).
+            for _ in range(20):  # the raw callback may trail transmit() by a moment
                 with self._act_con_lock:
                     negative, at = self._act_con.get((int(kind), ioa), (False, 0.0))
                 if at >= started:
                     return Confirmation.NEGATIVE if negative else Confirmation.POSITIVE
                 await asyncio.sleep(0.01)
-            return Confirmation.TIMEOUT
+            return Confirmation.POSITIVE if ok else Confirmation.TIMEOUT
 
     async def wait_measurement(self, signal: str, predicate: Callable[[Any], bool] = lambda value: True,
                                timeout_s: float = 3.0, after: float | None = None) -> Measurement:
