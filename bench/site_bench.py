@@ -93,6 +93,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gateway_bench import cpu_seconds, free_port, rss_mb, start_mosquitto, steal_s  # noqa: E402
 from bench.iec104_bench import machine_busy_s, stop_process  # noqa: E402
+from bench.ocpp_bench import wait_for  # noqa: E402
 from edge.health import percentile  # noqa: E402
 from simulators.vpp import TracePattern, VppSimulator  # noqa: E402
 
@@ -218,17 +219,6 @@ def charger_ids(count: int) -> list[tuple[str, str, str]]:
 def spawn(argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, *argv], stderr=f, cwd=ROOT)
-
-
-async def wait_for(probe, timeout_s: float, what: str, procs=()) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not probe():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout_s:g} s")
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what}: process {proc.args[1:3]} exited with {proc.returncode}")
-        await asyncio.sleep(0.1)
 
 
 def ready(path: Path) -> bool:
