@@ -221,34 +221,32 @@ class AssetIntervalValidation(IntervalValidation):
     kind: str | None
 
 
-class ConsumptionData(Contract):
-    """`<prefix>/<site>/consumption`: one per whole UTC minute, spooled (MAESHA IE-02-01)."""
+class _IntervalMessage(Contract):
+    """What the consumption and validation messages share: the interval and its coverage."""
 
     seq: int = Field(ge=1, description="Rises by one per message, across restarts; its own counter.")
     ts: str = Field(description="When the gateway closed the interval, ISO 8601 UTC.")
     site_id: str
-    interval_start: str = Field(description="Start of the interval (included), ISO 8601 UTC, on a whole minute.")
+    interval_start: str = Field(
+        description="Start of the interval (included), ISO 8601 UTC, on a whole minute (consumption) or quarter hour (validation)."
+    )
     interval_end: str = Field(description="End of the interval (excluded).")
     interval_s: float = Field(gt=0)
     partial: bool = Field(
         description="The gateway did not sample across the interval's start or end (started, stopped, clock step, stall)."
     )
+
+
+class ConsumptionData(_IntervalMessage):
+    """`<prefix>/<site>/consumption`: one per whole UTC minute, spooled (MAESHA IE-02-01)."""
+
     site: IntervalPower
     assets: dict[str, AssetIntervalPower]
 
 
-class ValidationData(Contract):
+class ValidationData(_IntervalMessage):
     """`<prefix>/<site>/validation`: one per UTC quarter hour, spooled (MAESHA IE-03-01: baseline, P, U)."""
 
-    seq: int = Field(ge=1, description="Rises by one per message, across restarts; its own counter.")
-    ts: str = Field(description="When the gateway closed the interval, ISO 8601 UTC.")
-    site_id: str
-    interval_start: str = Field(description="Start of the interval (included), ISO 8601 UTC, on a quarter hour.")
-    interval_end: str = Field(description="End of the interval (excluded).")
-    interval_s: float = Field(gt=0)
-    partial: bool = Field(
-        description="The gateway did not sample across the interval's start or end (started, stopped, clock step, stall)."
-    )
     site: IntervalValidation = Field(description="voltage_mean_v: the connection-point meter's, else the first asset's.")
     assets: dict[str, AssetIntervalValidation]
 

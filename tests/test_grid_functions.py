@@ -18,7 +18,8 @@ from edge.fcr import FcrDroop
 from edge.functions_config import FcrConfig, FunctionsConfig, QuConfig
 from edge.profile import SunSpecAsset
 from edge.qu import QuDroop
-from simulators.sunspec import DeviceSpec, SunSpecSimulator
+from simulators.sunspec import DeviceSpec
+from tests.test_sunspec_driver import simulated
 
 TOL = 1e-9
 
@@ -355,16 +356,6 @@ async def driving(device, kind: str):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 3)
-
-
-@contextlib.asynccontextmanager
-async def simulated(*specs: DeviceSpec):
-    sim = SunSpecSimulator(list(specs), tick_s=0.05)
-    await asyncio.wait_for(sim.start(), 5)
-    try:
-        yield sim
-    finally:
-        await asyncio.wait_for(sim.stop(), 5)
 
 
 @pytest.mark.parametrize("models", [None, (1, 701, 702, 704)], ids=["103", "701"])
