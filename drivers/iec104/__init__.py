@@ -1,6 +1,8 @@
 """IEC 60870-5-104 driver: batteries (BESS) and power-to-heat/hydrogen units as controlled stations.
 
-The gateway is the controlling station (c104.Client, one per asset).  The
+The gateway is the controlling station (c104.Client, one per asset; the
+process's IEC 104 drivers share one send thread and one loop inbox,
+``drivers/iec104/bridge.py``).  The
 daemon calls ``create(asset, cycle_s, emit_event)`` once per ``driver: iec104``
 asset and runs the returned driver's ``run()`` as its own task.  Profile keys,
 point maps, templates and command semantics: docs/drivers/iec104.md.

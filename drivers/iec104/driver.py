@@ -2,15 +2,25 @@
 
 See the package docstring (``drivers/iec104/__init__.py``) for the public API.
 c104 runs its own C++ threads and calls back on them, holding the GIL, for every
-frame received.  Those callbacks do as little as they can and wake the event
-loop only when it has something to do: a measured value is stored in the
-latest-values table (a lock guards it; ``reading()`` copies it), the raw-frame
-callback notes when the unit was last heard and hands only confirmations
-(ACT_CON, ACT_TERM) to the loop with ``call_soon_threadsafe``.  With 50 units
-sending every 100 ms, one loop wake-up per frame cost the loop its
-responsiveness and delayed the commands.  All other driver state is touched
-on the loop only.  Blocking c104 calls (``Point.transmit``, start/stop)
-run in worker threads of the driver's own pool (``_blocking``).
+frame received.  The driver takes one callback per frame, the raw-frame one,
+and does as little there as it can: it notes when the unit was last heard,
+decodes monitored values itself (``apdu.monitored_values``) into the
+latest-values table (a lock guards it; ``reading()`` copies it), and wakes
+the event loop only for confirmations (ACT_CON, ACT_TERM), with
+``call_soon_threadsafe``.  With 50 units sending every 100 ms, one loop
+wake-up per frame, or a second callback per frame for the point, cost the
+loop its responsiveness and delayed the commands.  All other driver state is
+touched on the loop only.
+
+Direct-mode clients are built with ``command_timeout_ms=0``: ``transmit`` and
+``read`` then only send, and the answer is read from the raw frames.  Those
+calls run on the process's one send thread (``bridge.SendThread``), which
+sends a burst of 50 commands in a few milliseconds; with a pool thread per
+call, waking 50 threads that each need the GIL spread the same burst over 20-30
+ms.  Select-and-execute needs c104 to wait for the select's confirmation
+before it sends the execute: those drivers keep the command timeout and their
+calls run in the driver pool (``_blocking``), as do start, stop, connect and
+disconnect.
 """
 
 # No "from __future__ import annotations": c104 checks callback annotations as objects, not strings.
@@ -30,6 +40,7 @@ from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers 
 
 from drivers.iec104 import apdu
 from drivers.iec104.config import Iec104Asset, PointSpec
+from drivers.iec104.bridge import LoopInbox, SendThread
 from drivers.iec104.reading import blocking_reason, build_reading, feasible_target_kw
 
 log = logging.getLogger("flexedge.drivers.iec104")
@@ -47,20 +58,15 @@ TYPE_ID_C_IC_NA_1 = 100
 _C104_CALLS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="iec104-call")
 
 
+_SENDER = SendThread()
+
+
 async def _blocking(call, /, *args, **kwargs):
     """Run a blocking c104 call in the driver's thread pool."""
     return await asyncio.get_running_loop().run_in_executor(_C104_CALLS, functools.partial(call, *args, **kwargs))
 
 class LinkDown(Exception):
     """The connection to the unit is not usable; the message says why."""
-
-def _python_value(point: c104.Point) -> Any:
-    value = point.value
-    if isinstance(value, c104.Double):
-        return {c104.Double.ON: True, c104.Double.OFF: False}.get(value)
-    if isinstance(value, bool) or value is None:
-        return value
-    return float(value)
 
 def _raw_command_value(spec: PointSpec, raw: float):
     if spec.type in ("C_SE_NB_1", "C_SE_TB_1"):
@@ -91,10 +97,15 @@ class Iec104Driver(AssetDriver):
         self.offline_after_s = 2.0 * cycle_s - self._check_s
         self.probe_after_s = cycle_s / 2
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: LoopInbox | None = None
         self._client: c104.Client | None = None
         self._connection: c104.Connection | None = None
         self._remote_points: dict[str, c104.Point] = {}
-        self._signal_by_ioa = {spec.ioa: name for name, spec in self.points.items()}
+        # Monitored points by IOA, for the raw-frame callback's own decoding.
+        self._monitored_by_ioa = {spec.ioa: (name, spec) for name, spec in self.points.items()
+                                  if not spec.type.startswith("C_")}
+        # Without a wait in c104 a call only sends (see the module docstring).
+        self._direct = asset.command_mode != "select_and_execute"
         # Latest values, written by c104's threads: only under _values_lock.
         self._values_lock = threading.Lock()
         self._values: dict[str, Any] = {}
@@ -159,6 +170,7 @@ class Iec104Driver(AssetDriver):
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._inbox = LoopInbox.of(self._loop)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._watch_liveness(), name=f"iec104-{self.asset_id}-liveness")
@@ -181,37 +193,34 @@ class Iec104Driver(AssetDriver):
     # ------------------------------------------------- c104 thread callbacks
 
     def _post(self, callback, *args) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # loop closed while the library was still delivering
-            pass
+        self._inbox.post(callback, *args)
 
     def _on_raw(self, connection: c104.Connection, data: bytes) -> None:
         self._last_heard = time.monotonic()  # a float attribute: one atomic store, read on the loop
+        values = apdu.monitored_values(data, self.asset.common_address)
+        if values:
+            self._store(values)
+            return
         head = apdu.parse(data)
         if head is not None and head.cot in (apdu.COT_ACT_CON, apdu.COT_ACT_TERM) \
                 and head.common_address == self.asset.common_address:
             self._post(self._confirmation, head)
 
+    def _store(self, values: list[apdu.MonitoredValue]) -> None:
+        known = [(self._monitored_by_ioa[v.ioa], v) for v in values if v.ioa in self._monitored_by_ioa]
+        if not known:
+            return
+        with self._values_lock:
+            for (signal, spec), monitored in known:
+                value = monitored.value
+                if isinstance(value, float):
+                    value = spec.to_flexedge(value) if math.isfinite(value) else None
+                self._values[signal] = value
+                (self._bad_quality.discard if monitored.good else self._bad_quality.add)(signal)
+            self._value_at = time.time()
+
     def _on_state(self, connection: c104.Connection, state: c104.ConnectionState) -> None:
         self._post(self._state_is, state)
-
-    def _point_callback(self, signal: str):
-        spec = self.points[signal]
-
-        def on_receive(point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage) -> c104.ResponseState:
-            quality = point.quality
-            good = quality is None or bool(getattr(quality, "is_good", True))
-            value = _python_value(point)
-            if isinstance(value, float):
-                value = spec.to_flexedge(value) if math.isfinite(value) else None
-            with self._values_lock:
-                self._values[signal] = value
-                (self._bad_quality.discard if good else self._bad_quality.add)(signal)
-                self._value_at = time.time()
-            return c104.ResponseState.SUCCESS
-
-        return on_receive
 
     # ------------------------------------------------------ on-loop handlers
 
@@ -241,7 +250,7 @@ class Iec104Driver(AssetDriver):
             security.set_certificate(cert=str(tls.cert_file), key=str(tls.key_file))
         client = c104.Client(
             tick_rate_ms=max(50, min(100, int(self.cycle_s * 1000 / 10))),
-            command_timeout_ms=int(self.asset.command_timeout_s * 1000),
+            command_timeout_ms=0 if self._direct else int(self.asset.command_timeout_s * 1000),
             transport_security=security,
         )
         # Init.ALL: on every (re)connect c104 sends STARTDT, a general interrogation and a clock sync.
@@ -254,9 +263,8 @@ class Iec104Driver(AssetDriver):
             ptype = getattr(c104.Type, spec.type)
             if spec.type.startswith("C_"):
                 point = station.add_point(io_address=spec.ioa, type=ptype, command_mode=mode)
-            else:
+            else:  # no on_receive: _on_raw decodes the values
                 point = station.add_point(io_address=spec.ioa, type=ptype)
-                point.on_receive(callable=self._point_callback(signal))
             self._remote_points[signal] = point
         self._client, self._connection = client, connection
 
@@ -310,9 +318,11 @@ class Iec104Driver(AssetDriver):
             await asyncio.wait_for(self._gi_done.wait(), max(0.05, deadline - time.monotonic()))
         except TimeoutError:
             # c104's own interrogation did not finish (or was skipped after an unmute): ask again.
-            done = await _blocking(self._connection.interrogation, common_address=self.asset.common_address,
-                                           wait_for_response=True)
-            if not done:
+            await self._c104_call(self._connection.interrogation, common_address=self.asset.common_address,
+                                  wait_for_response=False)
+            try:
+                await asyncio.wait_for(self._gi_done.wait(), self.asset.command_timeout_s)
+            except TimeoutError:
                 log.warning("%s: general interrogation not confirmed", self.asset_id)
 
     async def _serve(self) -> None:
@@ -364,11 +374,11 @@ class Iec104Driver(AssetDriver):
 
         Any answer will do: the value (COT 5) or, from a unit without reads, a negative
         confirmation.  Not a test command (C_TS_TA_1): c104 2.2.1 prints "Unsupported type
-        C_TS_TA_1" to stderr for every answer to one.  ``read()`` blocks until the answer
-        (or c104's command timeout), so it runs in a worker thread, one at a time.
+        C_TS_TA_1" to stderr for every answer to one.  With select-and-execute ``read()``
+        blocks until the answer (or c104's command timeout), in a pool thread.
         """
         try:
-            call = asyncio.get_running_loop().run_in_executor(_C104_CALLS, self._remote_points[signal].read)
+            call = self._c104_call(self._remote_points[signal].read)
             self._probe_calls.add(call)
             call.add_done_callback(self._probe_calls.discard)
             await call
@@ -443,16 +453,15 @@ class Iec104Driver(AssetDriver):
         started = time.monotonic()
         self.commands_sent += 1
         try:
-            # Success is read from the ACT_CON frame itself, which reaches the loop before transmit()
-            # returns: transmit() cannot tell a refusal from a timeout, c104 can take a late ACT_TERM
-            # of an earlier command for this one's answer, and c104 2.2.1 can miss the ACT_CON
-            # altogether (awaitCommandSuccess waits without first looking whether the answer is already
-            # in: an ACT_CON processed before the sending thread starts waiting is lost, and transmit()
-            # returns only with the next answer for that point, or False at the timeout; under load in
-            # the benchmark, about one transmit() in 1000-2000 returned only with the simulator's ACT_TERM,
-            # ~100 ms later).  transmit() only holds the point until then.
+            # Success is read from the ACT_CON frame itself, never from transmit()'s answer: in
+            # direct mode transmit() does not wait (False at once); with select-and-execute it
+            # cannot tell a refusal from a timeout, c104 can take a late ACT_TERM of an earlier
+            # command for this one's answer, and c104 2.2.1 can miss the ACT_CON altogether
+            # (awaitCommandSuccess waits without first looking whether the answer is already in;
+            # under load, about one transmit() in 1000-2000 returned only with the next answer).
+            # transmit() only holds the point until it returns.
             # Few loop callbacks per command on purpose: 50 units are commanded in the same instant.
-            self._transmit = loop.run_in_executor(_C104_CALLS, self._send_blocking, point, command_value)
+            self._transmit = self._c104_call(self._send_command, point, command_value)
             self._transmit.add_done_callback(functools.partial(_pass_transmit_error, con))
             try:
                 async with asyncio.timeout(self.asset.command_timeout_s):
@@ -494,8 +503,16 @@ class Iec104Driver(AssetDriver):
         if self._command_problem is not None:
             self._command_problem = None
 
+    def _c104_call(self, call, *args, **kwargs) -> asyncio.Future:
+        """A c104 call off the loop: on the send thread when it only sends, else in the pool."""
+        if kwargs:
+            call = functools.partial(call, **kwargs)
+        if self._direct:
+            return _SENDER.submit(call, *args)
+        return asyncio.get_running_loop().run_in_executor(_C104_CALLS, call, *args)
+
     @staticmethod
-    def _send_blocking(point: c104.Point, value) -> bool:
+    def _send_command(point: c104.Point, value) -> bool:
         point.value = value
         return point.transmit(cause=c104.Cot.ACTIVATION)
 
