@@ -13,6 +13,7 @@ import (a charging battery, a running boiler).  All powers are in kW.
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -90,6 +91,39 @@ class AssetDriver(abc.ABC):
         asset whose reading has ``q_max_kvar``, clamped to +/- that.  A driver
         without reactive-power control keeps this default, which ignores it.
         """
+
+
+    #: Whether the device can run a volt-var curve itself (SunSpec model 705); known once connected.
+    volt_var_available: bool = False
+
+    def set_volt_var(self, curve: "VoltVarCurve | None") -> None:
+        """Have the device run ``curve`` on its own voltage, or switch that off (None).
+
+        Non-blocking and idempotent; only called where ``volt_var_available``.  A
+        driver without such a function keeps this default, which ignores it.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class VoltVarCurve:
+    """A Q(U) curve for a device to run itself: voltage in % of its nominal voltage, reactive
+    power in % of its maximum reactive power, + over-excited (injecting)."""
+
+    points: tuple[tuple[float, float], ...]  # (v_pct, q_pct), voltages increasing
+    response_s: float = 10.0  # open-loop response time asked of the device
+
+    def __post_init__(self) -> None:
+        if len(self.points) < 2:
+            raise ValueError(f"a volt-var curve needs at least 2 points, got {len(self.points)}")
+        for index, (v_pct, q_pct) in enumerate(self.points, start=1):
+            if not (math.isfinite(v_pct) and 50.0 <= v_pct <= 150.0):
+                raise ValueError(f"point {index}: voltage {v_pct!r} % is outside 50..150 %")
+            if not (math.isfinite(q_pct) and -100.0 <= q_pct <= 100.0):
+                raise ValueError(f"point {index}: reactive power {q_pct!r} % is outside -100..100 %")
+            if index > 1 and v_pct <= self.points[index - 2][0]:
+                raise ValueError(f"point {index}: voltages must increase ({v_pct:g} % after {self.points[index - 2][0]:g} %)")
+        if not (math.isfinite(self.response_s) and 0.0 <= self.response_s <= 3600.0):
+            raise ValueError(f"response time {self.response_s!r} s is outside 0..3600 s")
 
 
 class DriverFactory(Protocol):

@@ -24,7 +24,7 @@ from edge.fcr import FcrDroop
 from edge.qu import QuDroop
 from edge.ev_sessions import EvSessions
 from edge.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator
-from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.asset import AssetDriver, AssetReading, EventSink, VoltVarCurve
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
 from edge.health import CycleStats
 from edge.profile import Profile
@@ -125,6 +125,10 @@ class Controller:
         functions = profile.functions
         self.fcr = FcrDroop(functions.fcr) if functions and functions.fcr else None
         self.qu = QuDroop(functions.q_u) if functions and functions.q_u else None
+        # Q(U) in inverter mode: the curve for the inverters that can run it (model 705), and
+        # which assets run it this cycle.
+        self._inverter_curve = _volt_var_curve(functions.q_u) if self.qu and functions.q_u.mode == "inverter" else None
+        self._curve_assets: frozenset[str] = frozenset()
         self._function_problems: dict[str, str | None] = {"fcr": None, "q_u": None}
         self.schedules = ScheduleBook()
         self.schedule_validator = ScheduleValidator()
@@ -290,6 +294,7 @@ class Controller:
                 asset.frozen_baseline_kw = None
 
         self._write(allocation, release=not now_active)
+        self._curve_assets = self._inverter_curves(readings)
         state.reactive = self._share_reactive(readings, allocation)
         self._write_reactive(state.reactive)
         self._limit_events(allocation, now)
@@ -525,10 +530,14 @@ class Controller:
         else:
             return None
         capable: dict[str, float] = {}
+        running_curve_kvar = 0.0  # the reactive capability of the inverters that run the curve themselves
         measured_capable = uncontrolled = 0.0
         for asset in self.assets:
             reading = readings[asset.id]
             if asset.kind == "meter" or not reading.online:
+                continue
+            if not compensate and asset.id in self._curve_assets:
+                running_curve_kvar += reading.q_max_kvar or 0.0
                 continue
             q_kvar = reading.q_kvar if reading.q_kvar is not None and math.isfinite(reading.q_kvar) else 0.0
             q_max = reading.q_max_kvar
@@ -541,12 +550,34 @@ class Controller:
             meter = readings[self._meter.id]
             if meter.online and meter.q_kvar is not None and math.isfinite(meter.q_kvar):
                 uncontrolled = meter.q_kvar - measured_capable
+        total_capability = sum(capable.values())
         if not compensate:
             uncontrolled = 0.0
-        total_capability = sum(capable.values())
+            if running_curve_kvar > 0:  # the inverters that run the curve deliver their part of it
+                requested *= total_capability / (total_capability + running_curve_kvar)
         wanted = min(max(requested - uncontrolled, -total_capability), total_capability)
         targets = {asset_id: wanted * q_max / total_capability for asset_id, q_max in capable.items()}
         return ReactiveShare(requested, targets, uncontrolled + sum(targets.values()))
+
+    def _inverter_curves(self, readings: dict[str, AssetReading]) -> frozenset[str]:
+        """Q(U) in inverter mode: keep the curve in every inverter that can run it, and say which run it now.
+
+        A grid operator's reactive-power or tan(phi) order switches their curves off: the order
+        is then shared among all assets like any other, and the curves come back when it ends.
+        """
+        curve = self._inverter_curve
+        if curve is None:
+            return frozenset()
+        orders = self.grid_orders
+        order_in_force = orders.reactive_setpoint_kvar is not None or orders.tan_phi is not None
+        running = set()
+        for asset in self.assets:
+            if not asset.driver.volt_var_available:
+                continue
+            asset.driver.set_volt_var(None if order_in_force else curve)
+            if not order_in_force and readings[asset.id].online:
+                running.add(asset.id)
+        return frozenset(running)
 
     def _write_reactive(self, share: ReactiveShare | None) -> None:
         for asset in self.assets:
@@ -747,9 +778,15 @@ class Controller:
             },
             "q_u": None if qu is None else {
                 "voltage_v": _round(qu.voltage_v), "v_pu": _round(qu.v_pu), "request_kvar": _round(qu.request_kvar),
-                "measurement_ok": qu.measurement_ok,
+                "measurement_ok": qu.measurement_ok, "mode": qu.config.mode,
+                "inverter_curve_assets": sorted(self._curve_assets),
             },
         }
+
+
+def _volt_var_curve(config) -> VoltVarCurve:
+    """The profile's Q(U) curve for an inverter: v_pu as % of its nominal voltage, q_pct of its VarMax."""
+    return VoltVarCurve(tuple((point.v_pu * 100.0, point.q_pct) for point in config.curve), config.response_time_s)
 
 
 def _changed(previous: float | None, target: float | None) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
@@ -108,6 +108,16 @@ class QuConfig(Strict):
     )
     update_interval_s: Annotated[float, _ranged(1.0, 3600.0)] = Field(
         60.0, description="The request is recomputed this often (MAESHA: about once a minute)."
+    )
+    mode: Literal["gateway", "inverter"] = Field(
+        "gateway",
+        description="gateway: the gateway computes the request and commands reactive power; inverter: the "
+        "curve is written to every SunSpec inverter with a volt-var model (705), which then follows it on "
+        "its own voltage (v_pu of its own nominal voltage, q_pct of its own maximum reactive power); the "
+        "gateway's request covers only the other assets.",
+    )
+    response_time_s: Annotated[float, _ranged(0.0, 3600.0)] = Field(
+        10.0, description="inverter mode: the response time written with the curve (705 RspTms, s)."
     )
 
     @field_validator("curve")

@@ -152,6 +152,10 @@ class QuValues(Contract):
     v_pu: Kw
     request_kvar: Kw = Field(description="The curve's reactive-power request, + over-excited; null: none (released).")
     measurement_ok: bool
+    mode: Literal["gateway", "inverter"] = Field(description="Where the curve runs (profile `functions.q_u.mode`).")
+    inverter_curve_assets: list[str] = Field(
+        description="inverter mode: the assets that run the curve themselves this cycle (model 705); the request is "
+        "shared among the others, scaled to their part of the reactive capability.")
 
 
 class FunctionsValues(Contract):

@@ -407,3 +407,43 @@ async def test_deie_reactive_power_and_tan_phi_orders_reach_the_inverters(tmp_pa
             assert message["site"]["q_setpoint_kvar"] == pytest.approx(13.2, abs=0.1)
     # Stopping the gateway releases reactive control too (VarSetEna = 0).
     assert pv.image.get_raw(704, "VarSetEna") == 0
+
+
+async def test_qu_in_inverter_mode_runs_in_the_inverter_and_yields_to_a_grid_order(tmp_path, mosquitto):
+    """functions.q_u mode inverter: the PV inverter (with 705) gets the curve and follows its own voltage, the
+    battery (without) gets the gateway's share; a grid operator's Q order switches the curve off until lifted."""
+    from edge.gridorders import NO_ORDERS, GridOrders
+
+    pv_models = (1, 103, 120, 121, 123, 701, 702, 704, 705)
+    specs = [DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=16.0, models=pv_models, ramp_pct_per_s=0.0),
+             DeviceSpec(kind="storage", rated_kw=10.0, ramp_pct_per_s=0.0)]
+    async with SunSpecSimulator(specs) as sim:
+        pv, bess = sim.devices
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5)
+        functions = {"q_u": {"voltage_source": "pv0", "q_max_kvar": 13.2, "update_interval_s": 1, "mode": "inverter",
+                             "curve": [{"v_pu": 0.92, "q_pct": 100}, {"v_pu": 0.97, "q_pct": 0},
+                                       {"v_pu": 1.03, "q_pct": 0}, {"v_pu": 1.08, "q_pct": -100}]}}
+        profile = Profile.model_validate({**profile.model_dump(mode="json"), "functions": functions})
+        async with running_gateway(profile) as gateway, VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 2), 10, "assets online")
+            await until(lambda: pv.volt_var().enabled, 5, "curve in the inverter")
+            assert pv.volt_var().points == ((92.0, 100.0), (97.0, 0.0), (103.0, 0.0), (108.0, -100.0))
+            message = await until(lambda: vpp.telemetry[-1]["functions"]["q_u"]["inverter_curve_assets"] == ["pv0"]
+                                  and vpp.telemetry[-1], 3, "inverter mode in telemetry")
+            Telemetry.model_validate(message)
+
+            pv.set_grid(voltage_v=1.06 * 230)  # -60 %: the inverter absorbs 60 % of its 8.8 kvar on its own,
+            await until(lambda: abs(pv.q_kvar + 5.28) < 0.1, 3, "the inverter on its curve")
+            # ... and the battery takes the rest of the site's request: -60 % of 13.2 kvar x 4.4 / 13.2
+            await until(lambda: abs(bess.q_kvar + 2.64) < 0.1, 5, "the battery's share")
+            assert pv.image.get_raw(704, "VarSetEna") != 1  # the gateway commands no reactive power to the pv
+
+            gateway.controller.apply_grid_orders(GridOrders(reactive_setpoint_kvar=3.0, source="deie"))
+            await until(lambda: not pv.volt_var().enabled, 2, "curve off under the order")
+            await until(lambda: abs(pv.q_kvar + bess.q_kvar - 3.0) < 0.1, 3, "the order shared by both")
+            assert pv.q_kvar == pytest.approx(2.0, abs=0.1)  # 3 x 8.8 / 13.2
+
+            gateway.controller.apply_grid_orders(NO_ORDERS)
+            await until(lambda: pv.volt_var().enabled, 3, "curve back once the order is lifted")
+            await until(lambda: abs(pv.q_kvar + 5.28) < 0.1 and abs(bess.q_kvar + 2.64) < 0.1, 5, "Q(U) again")
+        assert any(e["type"] == "volt_var_written" and e["asset_id"] == "pv0" for e in vpp.events)

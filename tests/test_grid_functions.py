@@ -412,3 +412,61 @@ async def test_reported_reactive_power_follows_a_704_varset():
             driver.set_target_kvar(-3.0)  # what the controller would send for a Q(U) request
             await until(lambda: driver.reading().q_kvar == pytest.approx(-3.0, abs=0.05), what="-3 kvar read")
             assert pv.q_kvar == pytest.approx(-3.0)
+
+
+# ================================================= Q(U) in the inverter (705)
+
+VOLT_VAR_MODELS = (1, 103, 120, 121, 123, 701, 702, 704, 705)
+
+
+async def test_volt_var_curve_written_adopted_and_followed_by_the_inverter(monkeypatch):
+    """The driver writes a curve into 705, the simulated inverter adopts it and follows its own voltage."""
+    import drivers.sunspec.driver as sunspec_driver
+    from edge.asset import VoltVarCurve
+
+    monkeypatch.setattr(sunspec_driver, "VOLT_VAR_RETRY_S", 0.3)
+    async with simulated(DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=5.0, models=VOLT_VAR_MODELS,
+                                    ramp_pct_per_s=0.0)) as sim:
+        pv = sim.devices[0]
+        events = []
+        asset = SunSpecAsset(id="pv1", kind="pv", driver="sunspec", host="127.0.0.1", port=pv.port,
+                             unit_id=pv.unit_id, timeout_s=0.5)
+        driver = create(asset, CYCLE_S, lambda kind, asset_id, detail: events.append((kind, detail)))
+        task = asyncio.create_task(driver.run())
+        try:
+            await until(lambda: driver.volt_var_available, what="705 discovered")
+            curve = VoltVarCurve(((90.0, 40.0), (97.0, 0.0), (103.0, 0.0), (110.0, -40.0)), response_s=5.0)
+            driver.set_volt_var(curve)
+            await until(lambda: driver.volt_var_in_force, what="curve in force")
+            state = pv.volt_var()
+            assert state.enabled and state.points == curve.points and state.dept_ref == "VAR_MAX_PCT"
+            assert any(kind == "volt_var_written" for kind, _ in events)
+            assert not driver.reading().degraded
+
+            pv.set_grid(voltage_v=1.065 * 230)  # 106.5 %: half way to 110 %, -20 % of VarMax (4.4 kvar)
+            await until(lambda: driver.reading().q_kvar == pytest.approx(-0.88, abs=0.05), what="Q on the curve")
+
+            # A restarted inverter forgets the function: the driver finds it off and writes it again.
+            pv.image.set_raw(705, "Ena", 0)
+            await until(lambda: pv.volt_var().enabled, timeout_s=3.0, what="curve restored")
+
+            # A curve the device cannot hold: refused before anything is written, and reported.
+            driver.set_volt_var(VoltVarCurve(tuple((90.0 + 4 * i, 0.0) for i in range(5))))
+            await until(lambda: any(kind == "command_failed" and "at most 4" in detail["reason"]
+                                    for kind, detail in events), what="refusal reported")
+            assert driver.reading().degraded and "volt-var" in driver.reading().detail
+            assert pv.volt_var().points == curve.points  # the curve in force is untouched
+
+            driver.set_volt_var(None)
+            await until(lambda: not pv.volt_var().enabled, what="curve switched off")
+            await until(lambda: not driver.reading().degraded, what="no longer degraded")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 3)
+
+
+async def test_volt_var_not_offered_without_705():
+    async with simulated(DeviceSpec(kind="pv", sun_kw=5.0)) as sim:
+        async with driving(sim.devices[0], "pv") as driver:
+            assert not driver.volt_var_available

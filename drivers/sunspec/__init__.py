@@ -38,6 +38,14 @@ Public API
         ValueError for a value that is not a finite number; for a meter or an
         asset with ``controllable: false`` it only emits ``command_failed``.
 
+    ``driver.set_volt_var(curve: edge.asset.VoltVarCurve | None) -> None``
+        Non-blocking, idempotent: have the inverter run a Q(U) curve itself
+        (model 705: written into a writable curve, adopted, enabled; checked
+        every poll and written again when no longer in force), or switch it
+        off (None).  ``volt_var_available`` / ``volt_var_in_force`` say
+        whether it can and whether it does.  Emits ``volt_var_written``, or
+        ``command_failed`` with ``volt_var`` and ``reason``.
+
     Attributes for diagnostics: ``model_map`` (``ModelMap`` or None),
     ``control_path`` (``"704-set"``, ``"704-limit"``, ``"124-rate"``,
     ``"123-limit"`` or None), ``identity`` (manufacturer/model/version/serial

@@ -9,12 +9,16 @@ definitions.
 
 Public API:
 
-``layout_for(model_id, length) -> ModelLayout | None``
+``layout_for(model_id, length, counts=None) -> ModelLayout | None``
     The layout of a model whose header says ``L == length``; None when
-    pysunspec2 has no definition for ``model_id``.  Only the model's top-level
-    points are laid out (repeating groups, such as 704's PF curves, are never
-    needed by the driver).  A point that does not fit inside ``length`` is
-    absent: a device may implement a shorter, older revision of a model.
+    pysunspec2 has no definition for ``model_id``.  Without ``counts`` only the
+    model's top-level points are laid out (704's PF groups are never needed).
+    With ``counts`` (count point name -> value read from the device, e.g.
+    ``{"NCrv": 3, "NPt": 4}`` for 705) the groups are laid out too, each
+    instance numbered from 1 as SunSpec numbers curves (``AdptCrvReq``):
+    ``Crv[2].ActPt``, ``Crv[2].Pt[1].V``.  A group whose count is unknown ends
+    the layout there.  A point that does not fit inside ``length`` is absent:
+    a device may implement a shorter, older revision of a model.
 
 ``ModelBlock(layout, registers, address=0)``
     One model as read from the device, ``registers`` starting at its ``ID``
@@ -92,28 +96,46 @@ class ModelLayout:
         return name in self.points
 
 
-@functools.lru_cache(maxsize=None)
-def _definition_points(model_id: int) -> tuple[str, tuple[PointSpec, ...]] | None:
-    try:
-        definition = get_model_def(model_id)
-    except Exception:
-        return None
-    group = definition["group"]
-    offset = 0
-    specs = []
+def _group_points(group: dict, prefix: str, offset: int, counts: dict[str, int] | None,
+                  specs: list[PointSpec]) -> int | None:
+    """Append the group's points (then, with ``counts``, its groups'); the offset after it, None if unknown."""
     for pdef in group.get("points", []):
         ptype = pdef["type"]
         size = int(pdef.get("size") or sunspec_mb.point_type_info[ptype].len)
         sf = pdef.get("sf")
         if isinstance(sf, str) and sf.lstrip("-").isdigit():
             sf = int(sf)
-        specs.append(PointSpec(pdef["name"], offset, size, ptype, sf, pdef.get("access") == "RW"))
+        specs.append(PointSpec(prefix + pdef["name"], offset, size, ptype, sf, pdef.get("access") == "RW"))
         offset += size
+    if counts is None:
+        return offset
+    for sub in group.get("groups", []):
+        count = sub.get("count", 1)
+        count = counts.get(count) if isinstance(count, str) else int(count or 1)
+        if count is None:
+            return None
+        for index in range(1, count + 1):
+            offset = _group_points(sub, f"{prefix}{sub['name']}[{index}].", offset, counts, specs)
+            if offset is None:
+                return None
+    return offset
+
+
+@functools.lru_cache(maxsize=None)
+def _definition_points(model_id: int, counts: tuple[tuple[str, int], ...] | None = None,
+                       ) -> tuple[str, tuple[PointSpec, ...]] | None:
+    try:
+        definition = get_model_def(model_id)
+    except Exception:
+        return None
+    group = definition["group"]
+    specs: list[PointSpec] = []
+    _group_points(group, "", 0, dict(counts) if counts is not None else None, specs)
     return group.get("name", str(model_id)), tuple(specs)
 
 
-def layout_for(model_id: int, length: int) -> ModelLayout | None:
-    found = _definition_points(model_id)
+def layout_for(model_id: int, length: int, counts: dict[str, int] | None = None) -> ModelLayout | None:
+    found = _definition_points(model_id, tuple(sorted(counts.items())) if counts is not None else None)
     if found is None:
         return None
     name, specs = found

@@ -179,6 +179,17 @@ def build_writes(
     block = blocks.get(model_id)
     if block is None:
         raise CommandError(f"model {model_id} has not been read")
+    return encode_assignments(block, assignments, refresh)
+
+
+def encode_assignments(block: ModelBlock, assignments: list[tuple[str, float]], refresh: bool = True,
+                       ) -> list[RegisterWrite]:
+    """The writes for ``(point, value)`` pairs of one model, adjacent points merged into one request.
+
+    Revert timers and the optional mode points are left out where the model lacks them; any other
+    missing point, an unknown scale factor or a value the point cannot hold raises ``CommandError``.
+    """
+    model_id = block.model_id
     writes: list[RegisterWrite] = []
     for name, value in assignments:
         if not block.has(name):

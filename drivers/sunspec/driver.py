@@ -33,11 +33,13 @@ from drivers.sunspec.discovery import (
     plan_reads,
 )
 from drivers.sunspec.link import ILLEGAL_DATA_ADDRESS, DeviceRejected, LinkFailure, ModbusLink
+from drivers.sunspec import voltvar
+from drivers.sunspec.voltvar import VoltVarCurve
 from drivers.sunspec.measure import build_reading
 
 log = logging.getLogger("flexedge.drivers.sunspec")
 
-_INVERTER_AND_DER = (101, 102, 103, 111, 112, 113, 120, 121, 123, 701, 702, 703, 704)
+_INVERTER_AND_DER = (101, 102, 103, 111, 112, 113, 120, 121, 123, 701, 702, 703, 704, voltvar.MODEL)
 POLLED_MODELS = {
     "pv": _INVERTER_AND_DER,
     "bess": _INVERTER_AND_DER + (124, 802),
@@ -48,6 +50,7 @@ COMMON_MODEL = 1
 # a periodic walk of the chain (a few two-register reads) catches that too.
 RESCAN_INTERVAL_S = 600.0
 REFRESH_MAX_S = 60.0  # a command in force is written again at least this often
+VOLT_VAR_RETRY_S = 30.0  # a volt-var curve found not in force is written again at most this often
 
 
 class MapChanged(Exception):
@@ -93,6 +96,12 @@ class SunSpecDriver(AssetDriver):
         self._active = _Setting("target_kw", "kW", "active-power")
         self._reactive = _Setting("target_kvar", "kvar", "reactive-power")
         self._settings = (self._active, self._reactive)
+        # Q(U) in the inverter (model 705): the curve wanted, and whether it must be (re)written.
+        self._volt_var: VoltVarCurve | None = None
+        self._volt_var_pending = False
+        self._volt_var_on = False  # the device confirmed the curve and it was enabled
+        self._volt_var_tried = 0.0
+        self._volt_var_problem: str | None = None
         self._layouts: dict[int, tuple[ModelEntry, ModelLayout]] = {}
         self._plan: list[ReadSpan] = []
         self._blocks: dict[int, ModelBlock] = {}
@@ -124,11 +133,38 @@ class SunSpecDriver(AssetDriver):
         """Reactive-power control path (``"704-var"``) or None."""
         return self._reactive.path
 
+    @property
+    def volt_var_available(self) -> bool:
+        """Whether the device has model 705 with a writable curve (known after the first poll)."""
+        block = self._blocks.get(voltvar.MODEL)
+        return block is not None and voltvar.writable_curve(block) is not None
+
+    @property
+    def volt_var_in_force(self) -> bool:
+        """Whether the curve asked for with ``set_volt_var`` runs in the device, as last read."""
+        block = self._blocks.get(voltvar.MODEL)
+        return self._volt_var is not None and block is not None and voltvar.in_force(block, self._volt_var)
+
+    def set_volt_var(self, curve: VoltVarCurve | None) -> None:
+        """Run ``curve`` in the inverter (model 705), or switch its volt-var function off (None).
+
+        Non-blocking; written at once, then checked every poll and written again when the
+        device no longer runs it (a restart).  Idempotent: the same curve again does nothing.
+        """
+        if curve == self._volt_var and not (curve is None and self._volt_var_on):
+            return
+        if curve is not None and (self.asset.kind == "meter" or not self.asset.controllable):
+            self._emit("command_failed", {"volt_var": _curve_detail(curve), "reason": "asset is not controllable"})
+            return
+        self._volt_var = curve
+        self._volt_var_pending = True
+        self._wake.set()
+
     def reading(self) -> AssetReading:
         if not self._online:
             return AssetReading(online=False, detail=self._last_error, read_at=time.time())
         reading = self._reading
-        extra = [p for p in (self._poll_problem, *(s.problem for s in self._settings)) if p]
+        extra = [p for p in (self._poll_problem, *(s.problem for s in self._settings), self._volt_var_problem) if p]
         if extra:
             return dataclasses.replace(
                 reading, degraded=True, detail="; ".join(p for p in (reading.detail, *extra) if p),
@@ -175,6 +211,8 @@ class SunSpecDriver(AssetDriver):
                 for setting in self._settings:
                     if setting.needs_write:
                         await self._write(setting)
+                if self._volt_var_pending or (self._volt_var is not None and not self.volt_var_in_force):
+                    await self._write_volt_var()
                 self.backoff.reset()
                 self._failures_logged = 0
                 await self._serve()
@@ -300,6 +338,8 @@ class SunSpecDriver(AssetDriver):
             for setting in self._settings:
                 if setting.pending:
                     await self._write(setting)
+            if self._volt_var_pending:
+                await self._write_volt_var()
             if time.monotonic() >= next_poll:
                 if time.monotonic() >= self._next_rescan and await self._discover():
                     log.warning("%s: model map changed (periodic rescan)", self.asset_id)
@@ -307,12 +347,15 @@ class SunSpecDriver(AssetDriver):
                 for setting in self._settings:
                     if setting.release_unconfirmed or (setting.target is not None and self._refresh_due(setting)):
                         await self._write(setting, refresh=True)
+                if self._volt_var is not None and not self.volt_var_in_force \
+                        and time.monotonic() - self._volt_var_tried >= VOLT_VAR_RETRY_S:
+                    await self._write_volt_var()
                 next_poll += self.cycle_s
                 if next_poll <= time.monotonic():  # fell behind: do not burst to catch up
                     next_poll = time.monotonic() + self.cycle_s
                 continue
             self._wake.clear()
-            if any(setting.pending for setting in self._settings):
+            if any(setting.pending for setting in self._settings) or self._volt_var_pending:
                 continue
             try:
                 async with asyncio.timeout(max(0.0, next_poll - time.monotonic())):
@@ -345,6 +388,7 @@ class SunSpecDriver(AssetDriver):
             model_id: ModelBlock(layout, [image[a] for a in range(entry.address, entry.end)], entry.address)
             for model_id, (entry, layout) in self._layouts.items()
         }
+        self._lay_out_curves()
         for setting, path in ((self._active, choose_path(self.asset.kind, self._blocks)),
                               (self._reactive, choose_var_path(self.asset.kind, self._blocks))):
             if path != setting.path:
@@ -355,6 +399,17 @@ class SunSpecDriver(AssetDriver):
         if self._online is not True:
             self._set_online(True)
         self._report_degraded()
+
+    def _lay_out_curves(self) -> None:
+        """Model 705's curves: their layout depends on NCrv and NPt, read from the device."""
+        block = self._blocks.get(voltvar.MODEL)
+        counts = voltvar.curve_counts(block) if block is not None else None
+        if counts is None or block.has(f"Crv[{counts['NCrv']}].Pt[{counts['NPt']}].Var"):
+            return
+        entry = self._layouts[voltvar.MODEL][0]
+        layout = layout_for(voltvar.MODEL, entry.length, counts)
+        self._layouts[voltvar.MODEL] = (entry, layout)
+        self._blocks[voltvar.MODEL] = ModelBlock(layout, block.registers, block.address)
 
     def _report_degraded(self) -> None:
         reading = self.reading()
@@ -418,6 +473,48 @@ class SunSpecDriver(AssetDriver):
             setting.problem = None
             self._report_degraded()
 
+    async def _write_volt_var(self) -> None:
+        curve = self._volt_var
+        self._volt_var_pending = False
+        self._volt_var_tried = time.monotonic()
+        block = self._blocks.get(voltvar.MODEL)
+        if block is None:
+            if curve is not None and self._blocks:
+                self._volt_var_failed(curve, "the device has no volt-var model (705)")
+            return  # not polled yet: the connection loop writes it after the first poll
+        try:
+            writes = await voltvar.apply(self.link.write, self._read, block, curve, self.asset.timeout_s)
+        except CommandError as error:
+            self._volt_var_failed(curve, str(error))
+            return
+        except DeviceRejected as error:
+            self._last_answer = time.monotonic()
+            self._volt_var_failed(curve, f"write refused: {error}", answer=str(error))
+            if error.code == ILLEGAL_DATA_ADDRESS:
+                raise MapChanged(str(error)) from None
+            return
+        except LinkFailure:
+            self._volt_var_pending = True
+            raise
+        self._last_answer = time.monotonic()
+        self._volt_var_on = curve is not None
+        log.info("%s: volt-var curve %s: %s", self.asset_id,
+                 "off" if curve is None else _curve_detail(curve), "; ".join(map(str, writes)))
+        self._emit("volt_var_written", {"volt_var": None if curve is None else _curve_detail(curve),
+                                        "path": str(voltvar.MODEL)})
+        if self._volt_var_problem:
+            self._volt_var_problem = None
+            self._report_degraded()
+
+    def _volt_var_failed(self, curve: VoltVarCurve | None, reason: str, **wire: str) -> None:
+        problem = f"volt-var command failed: {reason}"
+        if problem != self._volt_var_problem:
+            log.warning("%s: %s", self.asset_id, problem)
+            self._emit("command_failed", {"volt_var": None if curve is None else _curve_detail(curve),
+                                          "reason": reason, "path": str(voltvar.MODEL), **wire})
+        self._volt_var_problem = problem
+        self._report_degraded()
+
     def _command_failed(self, setting: _Setting, reason: str, refresh: bool, **wire: str) -> None:
         target = setting.target
         setting.release_unconfirmed = target is None
@@ -436,3 +533,7 @@ class SunSpecDriver(AssetDriver):
             self.emit_event(kind, self.asset_id, detail)
         except Exception:
             log.exception("%s: event sink failed on %s", self.asset_id, kind)
+
+
+def _curve_detail(curve: VoltVarCurve) -> dict[str, Any]:
+    return {"points": [{"v_pct": v, "q_pct": q} for v, q in curve.points], "response_s": curve.response_s}

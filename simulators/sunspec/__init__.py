@@ -29,7 +29,9 @@ CLI: ``python -m simulators.sunspec --help``, e.g.
                     pv (1, 103, 120, 121, 123, 704); hybrid (1, 103, 120, 121, 123, 124, 704, 802);
                     storage (1, 103, 120, 121, 124, 704, 802); meter (1, 203).
                     Model 1 is always first.  Also supported: 101/102 (single/split phase),
-                    111-113 (float), 701, 702, 703, meters 201-204.  Without 704 the 123/124 paths apply.
+                    111-113 (float), 701, 702, 703, meters 201-204, and 705 (volt-var; opt-in: list it,
+                    e.g. ``(1, 103, 120, 121, 123, 704, 705)``; not for meters).  Without 704 the 123/124
+                    paths apply.
 ``sun_kw=None``     fixed available PV power; None = daylight curve: ``pv_peak_kw`` * sin between
                     ``daylight_hours=(6.0, 18.0)`` of the local clock, 0 at night.
 ``pv_peak_kw=None`` PV peak for the daylight curve (default ``rated_kw``).
@@ -63,6 +65,20 @@ Control semantics (the shared flexedge SunSpec conventions)
   ``WSetEna``=1 with ``WSetMod``=1 (WATTS, the default) sets the AC power to ``WSet`` W (+ = export /
   discharge); ``WSetMod``=0 uses ``WSetPct`` % of the rating.  ``VarSetEna``=1 with ``VarSetMod``=4 sets
   reactive power to ``VarSet`` var.
+* 705 (volt-var, module ``voltvar``): ``NCrv``=3 curves of ``NPt``=4 points (``models.VOLT_VAR_CURVES``,
+  ``VOLT_VAR_POINTS``), named with 0-based indices: SunSpec curve n is ``"Crv[n-1]"``, its points
+  ``"Crv[n-1].Pt[j].V"``/``".Var"`` (j = 0..3).  V_SF = DeptRef_SF = -1, RspTms_SF = 0.  Curve 1 is
+  the curve in force, ``ReadOnly``=1, writes to it refused; default 4 points (92, +30) (98, 0)
+  (102, 0) (108, -30) (V % of nominal 230 V, Var % of VarMax), DeptRef VAR_MAX_PCT, RspTms 10 s.
+  Curves 2-3 start as copies with ``ReadOnly``=0.  ``AdptCrvReq``=n (2..3) checks curve n at once
+  (ActPt 2..NPt, V strictly increasing within 50..150 %, Var within ±100 %, DeptRef W_MAX_PCT or
+  VAR_MAX_PCT, enum values per pysunspec2's definition): valid, it is copied into curve 1 and
+  ``AdptCrvRslt``=1 (COMPLETED); invalid, ``AdptCrvRslt``=2 (FAILED), curve 1 unchanged.  ``AdptCrvReq``
+  reads 0 afterwards.  ``Ena``=1: the reactive power target is curve 1 at the measured voltage
+  (linear between points, flat beyond the ends) times VarMax (0.44 * ``rated_kw``) or, for
+  W_MAX_PCT, WMax; it overrides an enabled 704 VarSet and moves at the output ramp
+  (``RspTms`` is not simulated).  ``Ena``=0: 705 does nothing.  Reversion (``RvrtTms``, ``RvrtCrv``)
+  is not implemented: markers, writes refused.
 * 123: ``WMaxLim_Ena``=1 limits export to ``WMaxLimPct`` % of 121 ``WMax`` (else 120 ``WRtg``).
   If 704 and 123 limits are both enabled, the tighter wins.  A 121 (or 702) ``WMax`` written below
   the rating caps the output too.
@@ -81,6 +97,8 @@ Control semantics (the shared flexedge SunSpec conventions)
 * Writes are rejected with Modbus exception 2 (read-only point, ID/L/markers) or 3 (enum value not
   defined, the "not implemented" marker, a percentage outside [0, 100] (WSetPct, OutWRte, InWRte:
   [-100, 100]), ``StorCtl_Mod`` > 3, ``|WSet|`` above the rating, WMax/WChaMax outside [0, rating]).
+  705: exception 2 for a curve whose ``ReadOnly``=1 and for ``RvrtTms``/``RvrtCrv``, 3 for
+  ``AdptCrvReq`` above NCrv; curve ``Pt`` points may be written as "not implemented" (unused points).
   A rejected write changes nothing.
 
 Measurements: 101-103 (and 111-113) ``W``, ``VA``, ``VAr``, ``PF`` (%), ``A``, ``PhVphA..C``, ``Hz``,
@@ -115,6 +133,9 @@ reason)``, one per point touched by each write request, ``t_s`` = ``time.monoton
 ``image``: the :class:`~simulators.sunspec.image.RegisterImage` (``image.address_of(704, "WSet")``
 gives a point's Modbus address; ``image.get(model, point)`` a scaled value).
 ``read_point(model_id, point)``: the value a client would read now.
+``volt_var()``: model 705 as a :class:`~simulators.sunspec.voltvar.VoltVarState` (``enabled``,
+``points`` of curve 1 as (V %, Var %), ``dept_ref`` and ``adopt_result`` symbol names, ``adopt_error``,
+``rsp_tms_s``); ValueError without 705.  ``var_max_kvar``: the reactive rating.
 ``await next_write(point=None, model_id=None, timeout_s=5.0, after_s=None, where=None)``: the
 earliest record at or after monotonic ``after_s`` (default: call time) matching point, model and
 ``where(record)`` (e.g. ``lambda r: r.raw == 0``), waiting up to ``timeout_s`` (TimeoutError).
@@ -136,6 +157,7 @@ pymodbus stores it, so a write's effect is visible in the same request.  Faults 
 from .device import DEFAULT_MODELS, DeviceSpec, RevertRecord, SimulatedDevice, WriteRecord
 from .image import RegisterImage, default_scale_factors
 from .server import SunSpecSimulator
+from .voltvar import VoltVarState
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -144,6 +166,7 @@ __all__ = [
     "RevertRecord",
     "SimulatedDevice",
     "SunSpecSimulator",
+    "VoltVarState",
     "WriteRecord",
     "default_scale_factors",
 ]

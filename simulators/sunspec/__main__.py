@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=1, help="number of devices, on consecutive ports (default 1)")
     parser.add_argument("--base-address", type=int, default=40000, help="SunSpec base register (40000, 0, 50000)")
     parser.add_argument("--unit-id", type=int, default=1, help="Modbus unit id (default 1)")
-    parser.add_argument("--models", help="comma-separated model ids instead of the kind's default, e.g. 1,103,120,123")
+    parser.add_argument("--models", help="comma-separated model ids instead of the kind's default, e.g. 1,103,120,123 "
+                        "(append 705 for volt-var)")
     parser.add_argument("--no-704", action="store_true", help="drop model 704 (controls via 123/124)")
     parser.add_argument("--sun-kw", type=float, help="fixed available PV power in kW (default: daylight curve)")
     parser.add_argument("--capacity-kwh", type=float, default=10.0, help="battery capacity (default 10)")

@@ -17,6 +17,7 @@ from typing import Literal
 
 from pymodbus.constants import ExcCodes
 
+from . import voltvar
 from .image import RegisterImage, default_scale_factors
 from .models import decode, layout
 
@@ -35,6 +36,8 @@ INVERTER_MODELS = (101, 102, 103, 111, 112, 113)
 METER_MODELS = (201, 202, 203, 204, 211, 212, 213, 214)
 # Register window served per device, from its base address: room for any model set.
 WINDOW_REGISTERS = 2000
+NOMINAL_V = 230.0  # 121 VRef, 702 VNom/VNomRtg; 705 curve voltages are % of it
+VAR_MAX_RATIO = 0.44  # reactive rating / active rating (120 VArRtgQ1, 702 VarMaxInjRtg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +148,8 @@ def check_models(kind: str, models: Sequence[int] | None) -> tuple[int, ...]:
         raise ValueError(f"models={list(models)!r}: a meter needs one of the meter models {METER_MODELS}")
     if kind != "meter" and not any(m in INVERTER_MODELS or m == 701 for m in chosen):
         raise ValueError(f"models={list(models)!r}: a {kind} device needs an inverter model {INVERTER_MODELS} or 701")
+    if kind == "meter" and voltvar.MODEL in chosen:
+        raise ValueError(f"models={list(models)!r}: model {voltvar.MODEL} (volt-var) needs an inverter, not a meter")
     return (1, *chosen)
 
 
@@ -209,6 +214,7 @@ class SimulatedDevice:
         self._new_write = asyncio.Event()
         self._dirty = True
         self._replace_hook: Callable[[SimulatedDevice, int], object] | None = None  # set by the simulator
+        self._volt_var_error = ""  # why the last 705 adoption failed
         self.image = self._build_image(spec.models, spec.base_address)
         self._controls = self._read_controls()
 
@@ -315,6 +321,7 @@ class SimulatedDevice:
         old_base = self.image.base
         self.image = self._build_image(new_models, base)
         self._deadlines.clear()
+        self._volt_var_error = ""
         self._controls = self._read_controls()
         self._dirty = True
         log.info("unit %d: models replaced by %s at base %d", self.unit_id, list(new_models), base)
@@ -366,6 +373,17 @@ class SimulatedDevice:
         raw = self.image.get_raw(model_id, name)
         return raw if isinstance(raw, str) else self.image.get(model_id, name)
 
+    def volt_var(self) -> voltvar.VoltVarState:
+        """Model 705 state: enabled, curve 1's points, DeptRef, last adoption result (ValueError without 705)."""
+        if not self.image.has(voltvar.MODEL):
+            raise ValueError(f"volt_var: unit {self.unit_id} does not serve model {voltvar.MODEL}")
+        return voltvar.state(self.image, self._volt_var_error)
+
+    @property
+    def var_max_kvar(self) -> float:
+        """Reactive power rating (704 VarSetPct and 705 VAR_MAX_PCT are percent of it)."""
+        return self.rated_kw * VAR_MAX_RATIO
+
     def __repr__(self) -> str:
         where = self.serial_port or f"port {self.port}"
         return (
@@ -395,8 +413,8 @@ class SimulatedDevice:
         # 120 nameplate
         image.set_raw(120, "DERTyp", 82 if self.has_battery else 4)
         for name, value in (
-            ("WRtg", rated_w), ("VARtg", rated_w), ("VArRtgQ1", rated_w * 0.44), ("VArRtgQ2", rated_w * 0.44),
-            ("VArRtgQ3", -rated_w * 0.44), ("VArRtgQ4", -rated_w * 0.44), ("ARtg", rated_w / (3 * 230)),
+            ("WRtg", rated_w), ("VARtg", rated_w), ("VArRtgQ1", rated_w * VAR_MAX_RATIO), ("VArRtgQ2", rated_w * VAR_MAX_RATIO),
+            ("VArRtgQ3", -rated_w * VAR_MAX_RATIO), ("VArRtgQ4", -rated_w * VAR_MAX_RATIO), ("ARtg", rated_w / (3 * 230)),
             ("PFRtgQ1", 0.9), ("PFRtgQ2", 0.9), ("PFRtgQ3", -0.9), ("PFRtgQ4", -0.9),
         ):
             image.set(120, name, value)
@@ -406,7 +424,7 @@ class SimulatedDevice:
             image.set(120, "MaxDisChaRte", self.max_discharge_kw * 1000)
         # 121 settings
         for name, value in (
-            ("WMax", rated_w), ("VRef", 230.0), ("VRefOfs", 0.0), ("VMax", 253.0), ("VMin", 207.0),
+            ("WMax", rated_w), ("VRef", NOMINAL_V), ("VRefOfs", 0.0), ("VMax", 253.0), ("VMin", 207.0),
             ("VAMax", rated_w), ("ECPNomHz", 50.0), ("WGra", 100.0),
         ):
             image.set(121, name, value)
@@ -446,9 +464,9 @@ class SimulatedDevice:
             image.set_raw(802, "State", 3)
         # 702 capacity, 703 enter service
         for name, value in (
-            ("WMaxRtg", rated_w), ("VAMaxRtg", rated_w), ("VarMaxInjRtg", rated_w * 0.44),
-            ("VarMaxAbsRtg", rated_w * 0.44), ("VNomRtg", 230.0), ("VMaxRtg", 253.0), ("VMinRtg", 207.0),
-            ("AMaxRtg", rated_w / (3 * 230)), ("WMax", rated_w), ("VAMax", rated_w), ("VNom", 230.0),
+            ("WMaxRtg", rated_w), ("VAMaxRtg", rated_w), ("VarMaxInjRtg", rated_w * VAR_MAX_RATIO),
+            ("VarMaxAbsRtg", rated_w * VAR_MAX_RATIO), ("VNomRtg", NOMINAL_V), ("VMaxRtg", 253.0), ("VMinRtg", 207.0),
+            ("AMaxRtg", rated_w / (3 * 230)), ("WMax", rated_w), ("VAMax", rated_w), ("VNom", NOMINAL_V),
         ):
             image.set(702, name, value)
         if self.has_battery:
@@ -472,6 +490,8 @@ class SimulatedDevice:
                             ("WSetPct", 0.0), ("WSetPctRvrt", 0.0), ("VarSet", 0.0), ("VarSetRvrt", 0.0),
                             ("VarSetPct", 0.0), ("VarSetPctRvrt", 0.0)):
             image.set(704, name, value)
+        if image.has(voltvar.MODEL):
+            voltvar.init(image)
         return image
 
     def _publish(self) -> None:
@@ -614,7 +634,12 @@ class SimulatedDevice:
             if mode == 4:
                 q_kvar = (image.get(704, "VarSet") or 0.0) / 1000
             else:
-                q_kvar = (image.get(704, "VarSetPct") or 0.0) / 100 * self.rated_kw * 0.44
+                q_kvar = (image.get(704, "VarSetPct") or 0.0) / 100 * self.var_max_kvar
+        volt_var = voltvar.active_curve(image)
+        if volt_var is not None:  # one reactive power mode at a time: an enabled curve wins over a 704 VarSet
+            points, of_wmax = volt_var
+            wmax_w = image.get(702, "WMax") or image.get(121, "WMax") or self.rated_kw * 1000
+            volt_var = (points, wmax_w / 1000 if of_wmax else self.var_max_kvar)
         source = "+".join(s for s in dict.fromkeys(sources) if s) or None
         return {
             "limit_kw": min(limits) if limits else None,
@@ -622,6 +647,7 @@ class SimulatedDevice:
             "wset_kw": setpoint_kw,
             "storage_kw": storage_kw,
             "q_kvar": q_kvar,
+            "volt_var": volt_var,  # (curve points, kvar per 100 %) or None
             "source": source,
         }
 
@@ -662,7 +688,11 @@ class SimulatedDevice:
         step = math.inf if first or self.spec.ramp_pct_per_s == 0 else self.spec.ramp_pct_per_s / 100 * rated * dt
         self.pv_kw = _approach(self.pv_kw, pv_target, step)
         self.battery_kw = _approach(self.battery_kw, battery_target, step)
-        q_target = controls["q_kvar"] or 0.0
+        if controls["volt_var"] is not None:
+            points, ref_kvar = controls["volt_var"]
+            q_target = voltvar.var_pct_at(points, self.voltage_v / NOMINAL_V * 100) / 100 * ref_kvar
+        else:
+            q_target = controls["q_kvar"] or 0.0
         self.q_kvar = _approach(self.q_kvar, q_target, step)
         if self.has_battery and dt > 0:
             self.soc_pct -= self.battery_kw * dt / 3600 / self.capacity_kwh * 100
@@ -754,6 +784,8 @@ class SimulatedDevice:
             model_id, point, start = owner
             if not point.writable:
                 return self._reject(now, model_id, point.name, values, "read-only point")
+            if model_id == voltvar.MODEL and (refused := voltvar.write_refused(image, point.name)):
+                return self._reject(now, model_id, point.name, values, refused)
             touched[start] = (model_id, point)
         new_regs = image.regs[:]
         new_regs[offset:end] = values
@@ -770,6 +802,8 @@ class SimulatedDevice:
             value = image.get(model_id, point.name) if isinstance(raw, (int, float)) else None
             self.writes.append(WriteRecord(now, self.unit_id, model_id, point.name, raw, value))
             log.info("unit %d: write %d.%s raw=%s value=%s", self.unit_id, model_id, point.name, raw, value)
+        if any(m == voltvar.MODEL and p.name == "AdptCrvReq" for m, p, _ in decoded):
+            self._adopt_curve()
         self._restart_timers(now, {(m, p.name) for m, p, _ in decoded})
         self._controls = self._read_controls()
         self._dirty = True
@@ -777,6 +811,8 @@ class SimulatedDevice:
         return None
 
     def _check_value(self, model_id: int, point, raw, new_regs: list[int], start: int) -> str:
+        if model_id == voltvar.MODEL:
+            return voltvar.check_value(self.image, point, raw)
         if raw is None:
             return "value is the 'not implemented' marker"
         if point.symbols and raw not in point.symbols:
@@ -803,6 +839,16 @@ class SimulatedDevice:
             if not 0 <= watts <= self.rated_kw * 1000 * 1.001:
                 return f"{watts:g} W is outside [0, {self.rated_kw * 1000:g}] W"
         return ""
+
+    def _adopt_curve(self) -> None:
+        number, error = voltvar.adopt(self.image)
+        if not number:  # AdptCrvReq = 0 asks for nothing
+            return
+        self._volt_var_error = error
+        if error:
+            log.info("unit %d: 705 curve %d not adopted: %s", self.unit_id, number, error)
+        else:
+            log.info("unit %d: 705 curve %d adopted", self.unit_id, number)
 
     def _reject(self, now: float, model_id: int, point: str, raw, reason: str) -> ExcCodes:
         code = ExcCodes.ILLEGAL_ADDRESS if "writable" in reason or "read-only" in reason else ExcCodes.ILLEGAL_VALUE

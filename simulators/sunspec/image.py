@@ -3,8 +3,10 @@
 :class:`RegisterImage` owns the register list (index 0 = the base address) and
 reads/writes points by ``(model_id, point_name)``, raw or scaled
 (value = raw * 10**SF).  If a model appears more than once, the first one is
-addressed.  Every point starts as "not implemented"; scale-factor points get
-:func:`default_scale_factors` (overridable per name or per ``"model.name"``).
+addressed.  Every point starts as "not implemented", except count points (e.g.
+705 ``NCrv``, ``NPt``), which hold the instances laid out, and scale-factor
+points, which get :func:`default_scale_factors` (overridable per name or per
+``"model.name"``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def default_scale_factors(rated_kw: float, capacity_kwh: float) -> dict[str, int
     powers SF 1 (10 W steps; raised for ratings above ~270 kW so int16 does not
     overflow), percentages SF -2, WSet/VarSet SF -1, voltage -1, frequency -2,
     current -2 (raised for big ratings), power factor -3, SoC -1, energy ratings
-    SF 1.
+    SF 1, curve dependent values (705 ``Var`` in %) -1.
     """
     power_sf = _decimal_sf(rated_kw * 1000, 32767, 1)
     amp_sf = _decimal_sf(rated_kw * 1000 / (3 * 230), 32767, -2)
@@ -51,6 +53,7 @@ def default_scale_factors(rated_kw: float, capacity_kwh: float) -> dict[str, int
     )
     sfs.update(dict.fromkeys(("WSet_SF", "VarSet_SF"), -1))
     sfs.update(dict.fromkeys(("PF_SF", "OutPFSet_SF", "PFRtg_SF", "PFMin_SF", "CellV_SF"), -3))
+    sfs["DeptRef_SF"] = -1
     sfs.update(dict.fromkeys(("V_SF", "VRef_SF", "VRefOfs_SF", "VMinMax_SF", "DCV_SF", "InBatV_SF"), -1))
     sfs.update(dict.fromkeys(("Hz_SF", "ECPNomHz_SF"), -2))
     # PF is a percentage in the inverter and meter models, a ratio in 701/704
@@ -98,12 +101,19 @@ class RegisterImage:
             if point.type == "sunssf":
                 sf = scale_factors.get(f"{model.model_id}.{point.name}", scale_factors.get(point.name, 0))
                 self.regs[start + point.offset] = sf & 0xFFFF
+        for name, count in model.counts.items():  # a client sizes the repeating groups from these
+            point = model.points[name]
+            self.regs[start + point.offset : start + point.offset + point.size] = encode(point, count)
 
     def __len__(self) -> int:
         return len(self.regs)
 
     def has(self, model_id: int, name: str = "ID") -> bool:
         return (model_id, name) in self._points
+
+    def names(self, model_id: int) -> list[str]:
+        """Point names of a model, in register order."""
+        return [name for mid, name in self._points if mid == model_id]
 
     def point(self, model_id: int, name: str) -> PointDef:
         return self._points[(model_id, name)][1]

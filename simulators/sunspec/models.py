@@ -3,9 +3,20 @@
 ``layout(model_id)`` flattens a model definition into a :class:`ModelLayout`:
 every point with its register offset (0 = the model's ``ID`` register), size,
 type, scale-factor point and access.  Points of nested groups are named
-``"Group.Point"`` (``"Group[i].Point"`` when a group repeats a fixed number of
-times; a group whose count is another point's value is laid out once and that
-point is set to 1).
+``"Group.Point"``; a group laid out more than once gets a 0-based index per
+instance, ``"Group[i].Point"`` (i = 0 .. count-1, as pysunspec2 indexes
+``model.Group[i]``), nested ones one index per level.  A group that repeats a
+fixed number of times (count > 1 in the definition) is indexed.  A group whose
+count is another point's value (a "count point", e.g. 705 ``Crv``/``NCrv``) is
+laid out ``counts[count point]`` times and always indexed, even for 1 (defaults
+per model in :data:`GROUP_COUNTS`); without a count it is laid out once,
+unindexed.  :attr:`ModelLayout.counts` gives the value every count point must
+hold (1 for the groups laid out once); the register image writes them.
+
+Model 705 (DERVoltVar) with the default 3 curves of 4 points: ``"Crv[0].ActPt"``
+... ``"Crv[2].ReadOnly"``, ``"Crv[0].Pt[0].V"``, ``"Crv[0].Pt[0].Var"`` ...
+``"Crv[2].Pt[3].Var"``.  SunSpec numbers curves from 1 (``AdptCrvReq``), so
+curve n is ``"Crv[n-1]"``.
 
 ``encode(point, raw)`` / ``decode(point, regs)`` convert between raw point
 values and big-endian 16-bit registers.  ``None`` encodes to the SunSpec
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -29,6 +41,11 @@ from sunspec2.device import get_model_def
 
 SUNS_MARKER = (0x5375, 0x6E53)  # "SunS"
 END_MARKER = (0xFFFF, 0)
+
+VOLT_VAR_CURVES = 3  # 705 NCrv: curve 1 (in force, read-only) and two writable ones
+VOLT_VAR_POINTS = 4  # 705 NPt
+# Instances of the groups counted by a point, per model: {count point: instances}.
+GROUP_COUNTS: dict[int, dict[str, int]] = {705: {"NCrv": VOLT_VAR_CURVES, "NPt": VOLT_VAR_POINTS}}
 
 # type -> (registers, struct code or None, not-implemented raw value)
 _INT_TYPES: dict[str, tuple[int, str, int | None]] = {
@@ -81,27 +98,47 @@ class ModelLayout:
     model_id: int
     length: int
     points: dict[str, PointDef]
+    counts: Mapping[str, int] = field(default_factory=dict)  # count point -> instances laid out
 
     @property
     def block_size(self) -> int:
         return self.length + 2
 
 
+def layout(model_id: int, counts: Mapping[str, int] | None = None) -> ModelLayout:
+    """Layout of ``model_id`` from pysunspec2's definition; ValueError if it has none.
+
+    ``counts`` maps count points to instances (None = :data:`GROUP_COUNTS`); a
+    name that counts no group, or a count below 1, is a ValueError.
+    """
+    chosen = GROUP_COUNTS.get(model_id, {}) if counts is None else counts
+    return _layout(model_id, tuple(sorted(chosen.items())))
+
+
 @lru_cache(maxsize=None)
-def layout(model_id: int) -> ModelLayout:
-    """Layout of ``model_id`` from pysunspec2's definition; ValueError if it has none."""
+def _layout(model_id: int, counts: tuple[tuple[str, int], ...]) -> ModelLayout:
     try:
         mdef = get_model_def(model_id, mapping=False)
     except Exception as exc:  # pysunspec2 raises its own ModelDefinitionError or OSError
         raise ValueError(f"no SunSpec model definition for model {model_id}: {exc}") from exc
     if mdef is None:
         raise ValueError(f"no SunSpec model definition for model {model_id}")
+    wanted = dict(counts)
+    for name, count in wanted.items():
+        if not (isinstance(count, int) and count >= 1):
+            raise ValueError(f"model {model_id}: count {name}={count!r} must be an integer >= 1")
     points: dict[str, PointDef] = {}
-    offset = _add_group(mdef["group"], "", 0, points)
-    return ModelLayout(model_id=model_id, length=offset - 2, points=points)
+    laid_out: dict[str, int] = {}
+    offset = _add_group(mdef["group"], "", 0, points, wanted, laid_out)
+    unknown = set(wanted) - set(laid_out)
+    if unknown:
+        raise ValueError(f"model {model_id}: {sorted(unknown)} count no group (counted: {sorted(laid_out)})")
+    return ModelLayout(model_id=model_id, length=offset - 2, points=points, counts=laid_out)
 
 
-def _add_group(group: dict, prefix: str, offset: int, points: dict[str, PointDef]) -> int:
+def _add_group(
+    group: dict, prefix: str, offset: int, points: dict[str, PointDef], counts: dict[str, int], laid_out: dict[str, int]
+) -> int:
     for pdef in group.get("points", []):
         ptype = pdef["type"]
         size = pdef.get("size") or _type_size(ptype)
@@ -118,10 +155,16 @@ def _add_group(group: dict, prefix: str, offset: int, points: dict[str, PointDef
         offset += size
     for sub in group.get("groups", []):
         count = sub.get("count")
-        repeats = count if isinstance(count, int) and count > 1 else 1
+        if isinstance(count, str):  # counted by a point of the model
+            repeats = counts.get(count, 1)
+            laid_out[count] = repeats
+            indexed = count in counts
+        else:
+            repeats = count if isinstance(count, int) and count > 1 else 1
+            indexed = repeats > 1
         for index in range(repeats):
-            name = sub["name"] if repeats == 1 else f"{sub['name']}[{index}]"
-            offset = _add_group(sub, f"{prefix}{name}.", offset, points)
+            name = f"{sub['name']}[{index}]" if indexed else sub["name"]
+            offset = _add_group(sub, f"{prefix}{name}.", offset, points, counts, laid_out)
     return offset
 
 
