@@ -50,14 +50,13 @@ command_log = logging.getLogger("flexedge.drivers.iec104.commands")
 
 TYPE_ID_C_IC_NA_1 = 100
 
-# c104's blocking calls (a transmit waits for its ACT_CON) wait on the network with the GIL
-# released, and when a setpoint moves every asset, each has one in flight at the same moment.
-# They get a pool of their own so that such a burst neither queues in the loop's default
-# executor (min(32, cores + 4) threads) nor behind the spool's SQLite commits there.
+# c104's blocking calls (start, stop, connect, and a select-and-execute transmit that waits for
+# its ACT_CON) wait with the GIL released, several at once after a site restart or a setpoint.
+# They get a pool of their own so that they neither queue in the loop's default executor
+# (min(32, cores + 4) threads) nor behind the spool's SQLite commits there.
 # Threads are started only as calls overlap, and reused.
 _C104_CALLS = concurrent.futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="iec104-call")
-
-
+# Calls that do not wait (direct-mode transmit and read): one thread for the whole process.
 _SENDER = SendThread()
 
 
