@@ -95,6 +95,8 @@ class AssetDriver(abc.ABC):
 
     #: Whether the device can run a volt-var curve itself (SunSpec model 705); known once connected.
     volt_var_available: bool = False
+    #: Whether the curve asked for with ``set_volt_var`` runs in the device, as last read back.
+    volt_var_in_force: bool = False
 
     def set_volt_var(self, curve: "VoltVarCurve | None") -> None:
         """Have the device run ``curve`` on its own voltage, or switch that off (None).

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from edge.allocation import Allocation, AssetBand, allocate
@@ -536,12 +536,13 @@ class Controller:
             reading = readings[asset.id]
             if asset.kind == "meter" or not reading.online:
                 continue
+            q_max = reading.q_max_kvar
+            q_max = q_max if q_max is not None and math.isfinite(q_max) and q_max > 0 else None
             if not compensate and asset.id in self._curve_assets:
-                running_curve_kvar += reading.q_max_kvar or 0.0
+                running_curve_kvar += q_max or 0.0
                 continue
             q_kvar = reading.q_kvar if reading.q_kvar is not None and math.isfinite(reading.q_kvar) else 0.0
-            q_max = reading.q_max_kvar
-            if asset.controllable and q_max is not None and math.isfinite(q_max) and q_max > 0:
+            if asset.controllable and q_max is not None:
                 capable[asset.id] = q_max
                 measured_capable += q_kvar
             else:
@@ -562,8 +563,10 @@ class Controller:
     def _inverter_curves(self, readings: dict[str, AssetReading]) -> frozenset[str]:
         """Q(U) in inverter mode: keep the curve in every inverter that can run it, and say which run it now.
 
-        A grid operator's reactive-power or tan(phi) order switches their curves off: the order
-        is then shared among all assets like any other, and the curves come back when it ends.
+        Only an inverter that reads back the curve as in force counts as running it; until then
+        (and if it refuses the curve) it gets its share of the gateway's request like any asset.
+        A grid operator's reactive-power or tan(phi) order switches the curves off: the order is
+        then shared among all assets like any other, and the curves come back when it ends.
         """
         curve = self._inverter_curve
         if curve is None:
@@ -572,10 +575,11 @@ class Controller:
         order_in_force = orders.reactive_setpoint_kvar is not None or orders.tan_phi is not None
         running = set()
         for asset in self.assets:
-            if not asset.driver.volt_var_available:
+            driver = asset.driver
+            if not asset.controllable or not driver.volt_var_available:
                 continue
-            asset.driver.set_volt_var(None if order_in_force else curve)
-            if not order_in_force and readings[asset.id].online:
+            driver.set_volt_var(None if order_in_force else curve)
+            if not order_in_force and driver.volt_var_in_force and readings[asset.id].online:
                 running.add(asset.id)
         return frozenset(running)
 

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.asset import AssetDriver, AssetReading, EventSink, VoltVarCurve
 from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
 
 from drivers.sunspec.codec import ModelBlock, ModelLayout, layout_for
@@ -34,7 +34,6 @@ from drivers.sunspec.discovery import (
 )
 from drivers.sunspec.link import ILLEGAL_DATA_ADDRESS, DeviceRejected, LinkFailure, ModbusLink
 from drivers.sunspec import voltvar
-from drivers.sunspec.voltvar import VoltVarCurve
 from drivers.sunspec.measure import build_reading
 
 log = logging.getLogger("flexedge.drivers.sunspec")

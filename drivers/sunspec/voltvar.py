@@ -27,7 +27,6 @@ and ``read(address, count)``; raises ``CommandError`` when the device does not a
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Awaitable, Callable
 
@@ -48,9 +47,11 @@ def _symbol(group: dict, point: str, name: str) -> int:
 
 
 # By name from the definition: the numbers changed between drafts of the model (VAR_MAX_PCT was 2).
-_CURVE = get_model_def(705)["group"]["groups"][0]
-DEPTREF_VAR_MAX_PCT = _symbol(_CURVE, "DeptRef", "VAR_MAX_PCT")
-ADOPT_IN_PROGRESS, ADOPT_COMPLETED, ADOPT_FAILED = 0, 1, 2
+_MODEL_GROUP = get_model_def(MODEL)["group"]
+DEPTREF_VAR_MAX_PCT = _symbol(_MODEL_GROUP["groups"][0], "DeptRef", "VAR_MAX_PCT")
+ADOPT_IN_PROGRESS, ADOPT_COMPLETED, ADOPT_FAILED = (
+    _symbol(_MODEL_GROUP, "AdptCrvRslt", name) for name in ("IN_PROGRESS", "COMPLETED", "FAILED"))
+ENABLED, DISABLED = (_symbol(_MODEL_GROUP, "Ena", name) for name in ("ENABLED", "DISABLED"))
 __all__ = ["VoltVarCurve", "apply", "curve_assignments", "curve_counts", "in_force", "writable_curve"]
 
 
@@ -88,7 +89,7 @@ def curve_assignments(block: ModelBlock, index: int, curve: VoltVarCurve) -> lis
 
 
 def in_force(block: ModelBlock, curve: VoltVarCurve) -> bool:
-    if block.raw("Ena") != 1 or block.raw("Crv[1].ActPt") != len(curve.points) \
+    if block.raw("Ena") != ENABLED or block.raw("Crv[1].ActPt") != len(curve.points) \
             or block.raw("Crv[1].DeptRef") != DEPTREF_VAR_MAX_PCT:
         return False
     try:
@@ -106,7 +107,7 @@ def in_force(block: ModelBlock, curve: VoltVarCurve) -> bool:
 async def apply(write: Callable[[int, list[int]], Awaitable[None]], read: Callable[[int, int], Awaitable[list[int]]],
                 block: ModelBlock, curve: VoltVarCurve | None, timeout_s: float) -> list[RegisterWrite]:
     if curve is None:
-        writes = encode_assignments(block, [("Ena", 0)])
+        writes = encode_assignments(block, [("Ena", DISABLED)])
         for request in writes:
             await write(request.address, list(request.values))
         return writes
@@ -126,7 +127,7 @@ async def apply(write: Callable[[int, list[int]], Awaitable[None]], read: Callab
     if result != ADOPT_COMPLETED:
         outcome = {ADOPT_FAILED: "FAILED", ADOPT_IN_PROGRESS: f"still IN_PROGRESS after {timeout_s:g} s"}.get(result, str(result))
         raise CommandError(f"the device did not adopt curve {index}: AdptCrvRslt {outcome}")
-    enable = encode_assignments(block, [("Ena", 1)])
+    enable = encode_assignments(block, [("Ena", ENABLED)])
     for request in enable:
         await write(request.address, list(request.values))
     return writes + enable
