@@ -11,14 +11,11 @@ or less import).
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -318,7 +315,7 @@ def _problems_from(error: ValidationError, doc: YamlDocument) -> list[ProfilePro
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]
         if item["type"] == "extra_forbidden":
-            message = f"unknown key (check the spelling; see docs/profile.md)"
+            message = "unknown key (check the spelling; see docs/profile.md)"
         elif item["type"] == "literal_error":
             message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {item.get('input')!r}"
         elif item["type"] == "union_tag_invalid":

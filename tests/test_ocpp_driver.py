@@ -560,7 +560,7 @@ async def test_a_burst_of_limits_is_paced_newest_limit_wins_and_the_loop_stays_r
 
 
 async def test_loop_pacer_hands_out_slices_answers_first_then_commands_then_requests():
-    from drivers.ocpp.pacing import COMMAND, REQUEST, RESPONSE, LoopPacer, message_priority
+    from drivers.ocpp.pacing import REQUEST, RESPONSE, LoopPacer, message_priority
 
     assert message_priority('[3,"1",{}]') == RESPONSE and message_priority(' [ 4,"1","E","",{}]') == RESPONSE
     assert message_priority('[2,"1","MeterValues",{}]') == REQUEST and message_priority(b"junk") == REQUEST

@@ -6,7 +6,6 @@ the schedules (`<prefix>/<site>/schedule`) and their acks.
 
 from __future__ import annotations
 
-import pytest
 
 from edge.messages import ScheduleAck, Telemetry
 from simulators.sunspec import DeviceSpec, SunSpecSimulator
