@@ -16,13 +16,16 @@ Preferences arrive per charger on ``<prefix>/<site>/ev/preferences``:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edge.asset import AssetReading, EventSink
+from edge.intake import InboundRejected, bounded, check_model, excerpt, load_object
+from edge.messages import EvPreferencesMessage
+from edge.profile_types import ID_PATTERN
 from edge.ev_planner import (
     SLOT_S,
     ChargingPlan,
@@ -50,6 +53,9 @@ class EvSession:
     planned_for: tuple[Any, ...] = field(default_factory=tuple)  # what the plan depended on
 
 
+MAX_PREFERENCES_BYTES = 16 * 1024
+
+
 class EvSessions:
     def __init__(self, defaults: EvDefaults, schedules: ScheduleBook, emit_event: EventSink):
         self.defaults = defaults
@@ -61,14 +67,13 @@ class EvSessions:
     def on_preferences(self, raw: bytes, now_s: float, readings: dict[str, AssetReading]) -> tuple[str | None, str | None]:
         """Take a driver's preferences; (asset id, None) when accepted, (asset id or None, reason) when not."""
         try:
-            payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            return None, f"not JSON: {error}"
-        if not isinstance(payload, dict):
-            return None, "must be a JSON object"
+            payload = load_object(raw, MAX_PREFERENCES_BYTES)
+        except InboundRejected as error:
+            return None, error.reason
         asset_id = payload.pop("asset_id", None)
-        if not isinstance(asset_id, str):
-            return None, "asset_id: required, the charger's asset id"
+        if not (isinstance(asset_id, str) and re.fullmatch(ID_PATTERN, asset_id)):
+            got = "nothing" if asset_id is None else excerpt(asset_id)
+            return None, f"asset_id: required, the charger's asset id (an id of the site profile), got {got}"
         session = self.sessions.get(asset_id)
         if session is None:
             return asset_id, f"asset_id: no EV is plugged in at {asset_id!r}"
@@ -76,7 +81,12 @@ class EvSessions:
         try:
             session_needs(payload, now_s, session.started_s, self.defaults, reading.soc_pct if reading else None)
         except EvPreferencesRejected as rejection:
-            return asset_id, rejection.reason
+            return asset_id, bounded(rejection.reason)
+        try:
+            # The contract's model has the last word on structure (types, ranges).
+            check_model(EvPreferencesMessage, {"asset_id": asset_id, **payload})
+        except InboundRejected as error:
+            return asset_id, error.reason
         session.preferences = payload
         session.plan = None  # replanned at the next step
         return asset_id, None

@@ -39,7 +39,6 @@ and ``ScheduleBook.grid_limits_kw``):
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,6 +46,8 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 
 from pydantic import Field
 
+from edge.intake import InboundRejected, bounded, check_message_id, check_model, load_object, readable_id
+from edge.messages import ScheduleMessage
 from edge.profile_types import Strict, _ranged
 from edge.setpoints import MAX_ID_LENGTH, SetpointRejected, parse_time
 
@@ -61,6 +62,7 @@ DAY_S = 86400
 MAX_ABS_KW = 1_000_000.0  # same bound as the profile's PositiveKw
 MAX_ABS_PRICE_PER_KWH = 100_000.0  # far above any real price; catches unit mistakes (per MWh sent as per kWh is fine)
 REPLAY_MEMORY = 10_000  # schedule ids remembered
+MAX_SCHEDULE_BYTES = 1024 * 1024  # a week of 1-min connection-limit slots is about 520 KB
 
 
 class ScheduleRules(Strict):
@@ -87,6 +89,7 @@ class ScheduleRejected(Exception):
     """A schedule refused; ``reason`` names the field (the same shape as SetpointRejected)."""
 
     def __init__(self, schedule_id: str | None, reason: str):
+        reason = bounded(reason)
         super().__init__(reason)
         self.schedule_id = schedule_id
         self.reason = reason
@@ -220,18 +223,16 @@ class ScheduleValidator:
         than the tariff in force.  The id is remembered only when accepted.
         """
         try:
-            payload = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ScheduleRejected(None, f"not valid JSON: {error}") from None
-        if not isinstance(payload, dict):
-            raise ScheduleRejected(None, f"must be a JSON object, got {type(payload).__name__}")
-
-        schedule_id = payload.get("id")
-        if not isinstance(schedule_id, str) or not schedule_id or len(schedule_id) > MAX_ID_LENGTH:
-            raise ScheduleRejected(None, f"id: must be a non-empty string of at most {MAX_ID_LENGTH} characters")
-        unknown = set(payload) - FIELDS
-        if unknown:
-            raise ScheduleRejected(schedule_id, f"unknown field(s): {', '.join(sorted(unknown))}")
+            payload = load_object(raw, MAX_SCHEDULE_BYTES)
+        except InboundRejected as error:
+            raise ScheduleRejected(error.message_id, error.reason) from None
+        schedule_id = readable_id(payload.get("id"))
+        try:
+            check_message_id(payload.get("id"))
+            if set(payload) - FIELDS:
+                check_model(ScheduleMessage, payload)  # names the unknown fields, bounded
+        except InboundRejected as error:
+            raise ScheduleRejected(schedule_id, error.reason) from None
 
         kind = payload.get("kind")
         if kind not in KINDS:
@@ -314,6 +315,11 @@ class ScheduleValidator:
                         schedule_id, f"currency: {currency} differs from the tariff in force ({other.id}, {other.currency})"
                     )
 
+        try:
+            # The contract's model has the last word on structure (types, ranges, id forms).
+            check_model(ScheduleMessage, payload, known_ok=True)
+        except InboundRejected as error:
+            raise ScheduleRejected(schedule_id, error.reason) from None
         self.remember(schedule_id)
         return Schedule(schedule_id, kind, issued_at, start_s, resolution_s, parsed, now_s, currency, asset_id)
 

@@ -4,9 +4,12 @@ A setpoint is accepted only when every check passes; otherwise it is rejected
 with a reason that names the field, and it never reaches a device.  The rules
 (documented in docs/mqtt-api.md):
 
-- the payload is a JSON object with `id` (non-empty string), `ts` (ISO 8601 with
-  a zone, or epoch seconds), exactly one of `valid_s` (0 < valid_s <= 3600) or
-  `expires_at`, and `activation_kw` (finite number, + = upward regulation);
+- the payload passes edge.intake (at most 16 KiB of strict UTF-8 JSON, shallow, no
+  NaN, no duplicate keys) and is a JSON object with `id` (edge.intake's id form),
+  `ts` (ISO 8601 with a zone, or epoch seconds), exactly one of `valid_s`
+  (0 < valid_s <= 3600) or `expires_at` (at most 3600 s after `ts`), and
+  `activation_kw` (finite number, + = upward regulation): the structure that
+  edge.messages.SetpointMessage documents, which checks it last;
 - `ts` not more than `clock_skew_tolerance_s` in the future, nor older than
   `max_setpoint_age_s`; the setpoint not already expired;
 - `id` not seen before (replay), `ts` not older than the setpoint in force;
@@ -16,18 +19,22 @@ with a reason that names the field, and it never reaches a device.  The rules
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from edge.intake import InboundRejected, bounded, check_message_id, check_model, excerpt, load_object, readable_id
+from edge.messages import EPOCH_MAX_S, EPOCH_MIN_S, MAX_ABS_KW, SetpointMessage
+
 if TYPE_CHECKING:  # the profile imports modules that import this one (edge.ev_planner)
     from edge.profile import Control
 
 MAX_VALID_S = 3600.0
 MAX_ID_LENGTH = 128
+MAX_SETPOINT_BYTES = 16 * 1024
+MAX_ABS_VALUE = MAX_ABS_KW
 REPLAY_MEMORY = 10_000  # ids remembered; at 1 setpoint/s that is almost 3 h
 
 
@@ -42,6 +49,7 @@ class Setpoint:
 
 class SetpointRejected(Exception):
     def __init__(self, setpoint_id: str | None, reason: str):
+        reason = bounded(reason)
         super().__init__(reason)
         self.setpoint_id = setpoint_id
         self.reason = reason
@@ -52,17 +60,26 @@ def parse_time(value: Any, field: str) -> float:
     if isinstance(value, bool):
         raise SetpointRejected(None, f"{field}: must be an ISO 8601 time or epoch seconds, got {value!r}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value <= 0:
-            raise SetpointRejected(None, f"{field}: must be a finite positive epoch time, got {value!r}")
+        if not (isinstance(value, int) or math.isfinite(value)) or not EPOCH_MIN_S <= value <= EPOCH_MAX_S:
+            raise SetpointRejected(
+                None, f"{field}: must be epoch seconds in {EPOCH_MIN_S:.0f}..{EPOCH_MAX_S:.0f} (2001..2100), got {excerpt(value)}")
         return float(value)
     if isinstance(value, str):
+        if len(value) > 40:
+            raise SetpointRejected(None, f"{field}: not an ISO 8601 time: {excerpt(value)}")
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
         except ValueError:
-            raise SetpointRejected(None, f"{field}: not an ISO 8601 time: {value[:64]!r}") from None
+            raise SetpointRejected(None, f"{field}: not an ISO 8601 time: {excerpt(value)}") from None
         if parsed.tzinfo is None:
-            raise SetpointRejected(None, f"{field}: ISO time needs a zone (Z or +hh:mm), got {value[:64]!r}")
-        return parsed.timestamp()
+            raise SetpointRejected(None, f"{field}: ISO time needs a zone (Z or +hh:mm), got {excerpt(value)}")
+        try:
+            epoch_s = parsed.timestamp()
+        except (OverflowError, ValueError):
+            epoch_s = math.nan
+        if not EPOCH_MIN_S <= epoch_s <= EPOCH_MAX_S:
+            raise SetpointRejected(None, f"{field}: {excerpt(value)} is outside 2001..2100")
+        return epoch_s
     raise SetpointRejected(None, f"{field}: must be an ISO 8601 time or epoch seconds, got {type(value).__name__}")
 
 
@@ -73,10 +90,12 @@ def iso_time(epoch_s: float) -> str:
 def _finite_number(payload: dict, field: str) -> float:
     value = payload.get(field)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SetpointRejected(payload.get("id") if isinstance(payload.get("id"), str) else None,
-                               f"{field}: must be a number, got {type(value).__name__ if value is not None else 'nothing'}")
-    if not math.isfinite(value):
-        raise SetpointRejected(payload.get("id"), f"{field}: must be finite, got {value}")
+        raise SetpointRejected(None, f"{field}: must be a number, got {type(value).__name__ if value is not None else 'nothing'}")
+    # An int is finite, and math.isfinite would overflow on a huge one.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SetpointRejected(None, f"{field}: must be finite, got {value}")
+    if abs(value) > MAX_ABS_VALUE:
+        raise SetpointRejected(None, f"{field}: {excerpt(value)} is beyond +/-{MAX_ABS_VALUE:g}")
     return float(value)
 
 
@@ -98,20 +117,15 @@ class SetpointValidator:
     ) -> Setpoint:
         """Return the setpoint, or raise SetpointRejected with the reason."""
         try:
-            payload = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise SetpointRejected(None, f"not valid JSON: {error}") from None
-        if not isinstance(payload, dict):
-            raise SetpointRejected(None, f"must be a JSON object, got {type(payload).__name__}")
-
-        setpoint_id = payload.get("id")
-        if not isinstance(setpoint_id, str) or not setpoint_id or len(setpoint_id) > MAX_ID_LENGTH:
-            raise SetpointRejected(None, f"id: must be a non-empty string of at most {MAX_ID_LENGTH} characters")
-        unknown = set(payload) - {"id", "ts", "valid_s", "expires_at", "activation_kw"}
-        if unknown:
-            raise SetpointRejected(setpoint_id, f"unknown field(s): {', '.join(sorted(unknown))}")
-
+            payload = load_object(raw, MAX_SETPOINT_BYTES)
+        except InboundRejected as error:
+            raise SetpointRejected(error.message_id, error.reason) from None
+        setpoint_id = readable_id(payload.get("id"))
         try:
+            check_message_id(payload.get("id"))
+            unknown = set(payload) - {"id", "ts", "valid_s", "expires_at", "activation_kw"}
+            if unknown:
+                check_model(SetpointMessage, payload)  # names the unknown fields, bounded
             issued_at = parse_time(payload.get("ts"), "ts")
             if ("valid_s" in payload) == ("expires_at" in payload):
                 raise SetpointRejected(setpoint_id, "give exactly one of valid_s or expires_at")
@@ -122,7 +136,14 @@ class SetpointValidator:
                 expires_at = issued_at + valid_s
             else:
                 expires_at = parse_time(payload["expires_at"], "expires_at")
+                if expires_at - issued_at > MAX_VALID_S:
+                    raise SetpointRejected(
+                        setpoint_id, f"expires_at: {expires_at - issued_at:.0f} s after ts, more than {MAX_VALID_S:g} s")
             activation_kw = _finite_number(payload, "activation_kw")
+            # The contract's model has the last word on structure (types, ranges, id form).
+            check_model(SetpointMessage, payload, known_ok=True)
+        except InboundRejected as error:
+            raise SetpointRejected(setpoint_id, error.reason) from None
         except SetpointRejected as error:
             raise SetpointRejected(setpoint_id, error.reason) from None
 

@@ -297,6 +297,7 @@ class VppSimulator:
         self.sent: deque[dict[str, Any]] = deque(maxlen=history)
         self.acks: deque[dict[str, Any]] = deque(maxlen=history)
         self.schedule_acks: deque[dict[str, Any]] = deque(maxlen=history)
+        self.preference_acks: deque[dict[str, Any]] = deque(maxlen=history)
         self.telemetry: deque[dict[str, Any]] = deque(maxlen=history)
         self.events: deque[dict[str, Any]] = deque(maxlen=history)
         self.status: dict[str, Any] | None = None
@@ -358,7 +359,7 @@ class VppSimulator:
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, keepalive=30,
                                           timeout=self.timeout_s, clean_session=True) as client:
-                    for leaf in ("telemetry", "setpoint/ack", "schedule/ack", "events", "status"):
+                    for leaf in ("telemetry", "setpoint/ack", "schedule/ack", "ev/preferences/ack", "events", "status"):
                         await client.subscribe(f"{self.base_topic}/{leaf}", qos=1)
                     self._client = client
                     self._connected.set()
@@ -486,6 +487,8 @@ class VppSimulator:
             return
         if leaf == "setpoint/ack":
             self._on_ack(payload)
+        elif leaf == "ev/preferences/ack":
+            self.preference_acks.append(payload)
         elif leaf == "schedule/ack":
             self.schedule_acks.append(payload)
             if payload.get("status") == "rejected":
