@@ -12,6 +12,7 @@ from edge import __version__
 
 EXIT_OK = 0
 EXIT_PROFILE_INVALID = 2
+EXIT_FILES_UNUSABLE = 3  # the profile is valid, but a file or folder it names cannot be used here
 
 
 def _load_or_report(path: str):
@@ -107,24 +108,9 @@ def _kw(value) -> str:
 
 
 def machine_warnings(profile) -> list[str]:
-    """What the profile names that is missing on this machine: warnings, since a
-    profile is often checked on a laptop before it reaches the site."""
-    import os
-
+    """What the profile names that is missing on this machine, beyond edge.preflight's
+    checks: warnings, since a profile is often checked on a laptop before it reaches the site."""
     warnings = []
-    mqtt = profile.uplink.mqtt
-    files = {"uplink.mqtt.password_file": mqtt.password_file}
-    if mqtt.tls:
-        files |= {"uplink.mqtt.tls.ca_file": mqtt.tls.ca_file, "uplink.mqtt.tls.cert_file": mqtt.tls.cert_file,
-                  "uplink.mqtt.tls.key_file": mqtt.tls.key_file}
-    for key, path in files.items():
-        if path is not None and not Path(path).is_file():
-            warnings.append(f"{key}: {path} does not exist on this machine")
-    if mqtt.password_env and mqtt.password_env not in os.environ:
-        warnings.append(f"uplink.mqtt.password_env: {mqtt.password_env} is not set in this environment")
-    spool_dir = Path(profile.uplink.spool.path).parent
-    if not spool_dir.is_dir():
-        warnings.append(f"uplink.spool.path: folder {spool_dir} does not exist (systemd creates /var/lib/flexedge)")
     if profile.ocpp is not None and not Path(profile.ocpp.id_tag_salt_file).parent.is_dir():
         warnings.append(f"ocpp.id_tag_salt_file: folder {Path(profile.ocpp.id_tag_salt_file).parent} does not exist "
                         "(systemd creates /var/lib/flexedge)")
@@ -136,14 +122,26 @@ def machine_warnings(profile) -> list[str]:
 
 
 def cmd_check(args) -> int:
+    from edge.preflight import check_files
+
     profile = _load_or_report(args.profile)
     if profile is None:
         return EXIT_PROFILE_INVALID
-    print(f"{args.profile}: OK")
-    print(summary(profile))
-    for warning in machine_warnings(profile):
+    # The checks `run` makes at start-up, all at once.  What is missing altogether only
+    # warns (the folder or file may be put there on site); what is there but unusable fails.
+    problems = check_files(profile)
+    errors = [problem for problem in problems if not problem.missing]
+    if errors:
+        count = len(errors)
+        print(f"{args.profile}: valid, but {count} problem{'s' if count != 1 else ''} on this machine", file=sys.stderr)
+        for problem in errors:
+            print(f"  {problem}", file=sys.stderr)
+    else:
+        print(f"{args.profile}: OK")
+    for warning in [str(problem) for problem in problems if problem.missing] + machine_warnings(profile):
         print(f"warning: {warning}", file=sys.stderr)
-    return EXIT_OK
+    print(summary(profile))
+    return EXIT_FILES_UNUSABLE if errors else EXIT_OK
 
 
 def cmd_schema(args) -> int:
@@ -160,9 +158,25 @@ def cmd_run(args) -> int:
     profile = _load_or_report(args.profile)
     if profile is None:
         return EXIT_PROFILE_INVALID
+    import logging
+
+    from edge.preflight import check_files
+    from edge.spool import SpoolError
+
+    log = logging.getLogger("flexedge.cli")
+    # Before anything starts (no loop yet): one record naming the path and the cause,
+    # rather than a traceback from deep inside SQLite or paho, or a reconnect loop.
+    problems = check_files(profile)
+    if problems:
+        log.error("cannot start: %s", "; ".join(str(problem) for problem in problems))
+        return EXIT_FILES_UNUSABLE
     from edge.daemon import run_gateway
 
-    asyncio.run(run_gateway(profile))
+    try:
+        asyncio.run(run_gateway(profile))
+    except SpoolError as error:  # the spool changed since the check: still one line
+        log.error("cannot start: uplink.spool.path: %s", error)
+        return EXIT_FILES_UNUSABLE
     return EXIT_OK
 
 

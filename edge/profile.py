@@ -145,11 +145,18 @@ class Mqtt(Strict):
         return self
 
     def password(self) -> str | None:
-        """The password, read now from its file or environment variable; never logged."""
+        """The password, read now from its file or environment variable; never logged.
+
+        A password file that is missing, unreadable or blank raises
+        edge.preflight.FileProblemError (a ValueError) saying so: connecting without
+        the password would only be refused, again and again.
+        """
         import os
 
         if self.password_file:
-            return self.password_file.read_text().splitlines()[0] if self.password_file.exists() else None
+            from edge.preflight import read_password
+
+            return read_password(self.password_file)
         if self.password_env:
             return os.environ.get(self.password_env)
         return None

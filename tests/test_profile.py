@@ -153,7 +153,7 @@ def test_check_warns_about_what_is_missing_on_this_machine(tmp_path, monkeypatch
     )) + "  - id: rtu1\n    kind: pv\n    driver: sunspec\n    serial: {port: /dev/ttyNOPE0}\n"
     result = check(write(tmp_path, text))
     assert result.returncode == 0, result.stderr  # warnings, not errors
-    assert f"warning: uplink.mqtt.tls.ca_file: {tmp_path}/nope-ca.pem does not exist on this machine" in result.stderr
-    assert "warning: uplink.mqtt.password_env: FLEXEDGE_TEST_UNSET is not set" in result.stderr
+    assert f"warning: uplink.mqtt.tls.ca_file: CA file {tmp_path}/nope-ca.pem does not exist" in result.stderr
+    assert "warning: uplink.mqtt.password_env: environment variable FLEXEDGE_TEST_UNSET is not set" in result.stderr
     assert "warning: assets[1].serial.port: /dev/ttyNOPE0 does not exist" in result.stderr
     assert "uplink.spool.path" not in result.stderr  # tmp_path exists

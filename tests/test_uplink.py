@@ -396,6 +396,30 @@ async def test_without_emit_event_the_uplink_publishes_the_overflow_event_itself
     assert event["detail"]["dropped"] > 0 and event["seq"] >= 1
 
 
+async def test_drops_not_yet_reported_are_spooled_as_spool_overflow_at_close(mosquitto, recorders, start_uplink, tmp_path):
+    events: list[tuple] = []
+    spool = Spool(tmp_path / "small.sqlite", 64 * 1024)
+    # the production rate limit: after the first report, a minute's drops wait for a timer
+    uplink = start_uplink(make_profile(mosquitto.port), spool=spool, emit_event=lambda *e: events.append(e), run=False)
+    for n in range(120):
+        await uplink.publish("telemetry", {"n": n, "noise": os.urandom(700).hex()})
+    [(_, _, first)] = events
+    assert spool.dropped_total > first["dropped"]  # more drops since, held back by the rate limit
+
+    await asyncio.wait_for(uplink.close(), 5)
+    dropped_by_close = spool.dropped_total  # the event itself may push one more message out
+    stored = [json.loads(m.payload) for m in spool.oldest(1000) if m.topic == "flexedge/demo/events"]
+    assert [e["type"] for e in stored] == ["spool_overflow"]
+    pending = stored[0]["detail"]
+    assert first["dropped"] + pending["dropped"] in (dropped_by_close, dropped_by_close - 1)
+    assert pending["max_bytes"] == 64 * 1024 and stored[0]["site_id"] == "demo"
+
+    vpp = recorders(mosquitto.port, "flexedge/demo/events")  # the next start sends it
+    start_uplink(make_profile(mosquitto.port), spool=spool)
+    await vpp.wait_until(lambda: vpp.payloads("events"), "the spool_overflow event after the restart")
+    assert vpp.payloads("events")[0]["detail"] == pending
+
+
 # --------------------------------------------------------- protocol version
 
 
@@ -571,9 +595,49 @@ async def test_mutual_tls_needs_the_client_certificate(tls_broker, pki, recorder
     anonymous = start_uplink(make_profile(mtls_port, site="nocert", tls={"ca_file": ca}), connect_timeout_s=1.0)
     await watcher.wait_until(lambda: watcher.payloads("status", site="mtls"), "birth over mutual TLS")
     await wait_for(lambda: mutual.connected, "subscribed after the birth")
-    await wait_for(lambda: "no CONNACK" in caplog.text, "the refused handshake logged", 6)
+    await wait_for(lambda: "before CONNACK" in caplog.text, "the refused handshake logged", 6)
     assert "certificate required" in caplog.text
     assert not anonymous.connected and not watcher.payloads("status", site="nocert")
+
+
+def failures(caplog, site_port: int, level: int = logging.WARNING) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "edge.uplink" and r.levelno >= level
+            and r.getMessage().startswith(f"uplink to 127.0.0.1:{site_port}:")]
+
+
+def repeats(caplog, site_port: int) -> list[logging.LogRecord]:
+    return [r for r in failures(caplog, site_port, logging.DEBUG) if r.levelno == logging.DEBUG and "(again)" in r.getMessage()]
+
+
+async def test_a_refused_client_certificate_fails_fast_and_is_logged_once(tls_broker, pki, start_uplink, caplog):
+    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    _, _, mtls_port = tls_broker
+    started = time.time()
+    # the production CONNACK timeout (10 s): a refused certificate must not wait for it
+    uplink = start_uplink(make_profile(mtls_port, site="nocert", tls={"ca_file": str(pki["ca.pem"])}), connect_timeout_s=10.0)
+    await wait_for(lambda: failures(caplog, mtls_port), "the refusal logged", 5)
+    first = failures(caplog, mtls_port)[0]
+    refused_after_s = first.created - started
+    print(f"refused client certificate: attempt failed after {refused_after_s:.3f} s")
+    assert refused_after_s < 1.0, f"a refused certificate took {refused_after_s:.2f} s to fail"
+    assert first.levelno == logging.ERROR and "certificate required" in first.getMessage()
+    assert "before CONNACK" in first.getMessage() and "check uplink.mqtt.tls" in first.getMessage()
+    await wait_for(lambda: len(repeats(caplog, mtls_port)) >= 3, "more attempts at the capped pace", 5)
+    assert len(failures(caplog, mtls_port)) == 1  # the retries go on, quietly
+    assert not uplink.connected
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n"], ids=["empty", "whitespace"])
+async def test_an_empty_password_file_is_said_once_never_an_index_error(start_uplink, caplog, tmp_path, content):
+    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    port = free_port()
+    (tmp_path / "pw").write_text(content)
+    uplink = start_uplink(make_profile(port, username="gateway", password_file=str(tmp_path / "pw")))
+    await wait_for(lambda: len(repeats(caplog, port)) >= 3, "several attempts", 5)
+    [record] = failures(caplog, port)
+    assert f"uplink.mqtt.password_file: password file {tmp_path / 'pw'} is empty" in record.getMessage()
+    assert record.levelno == logging.ERROR
+    assert "index" not in caplog.text.lower() and not uplink.connected
 
 
 async def test_missing_tls_file_is_reported_by_its_profile_key(start_uplink, caplog, tmp_path):
@@ -618,6 +682,22 @@ async def test_password_from_env_or_file_is_used_and_never_logged(password_broke
     assert SECRET not in caplog.text
 
 
+async def test_refused_credentials_fail_fast_and_are_logged_once(password_broker, start_uplink, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    (tmp_path / "wrong").write_text(SECRET + "-wrong\n")
+    started = time.time()
+    uplink = start_uplink(make_profile(password_broker.port, username="gateway", password_file=str(tmp_path / "wrong")),
+                          connect_timeout_s=10.0)
+    await wait_for(lambda: failures(caplog, password_broker.port), "the refusal logged", 5)
+    first = failures(caplog, password_broker.port)[0]
+    print(f"refused credentials: attempt failed after {first.created - started:.3f} s")
+    assert first.created - started < 1.0
+    assert first.levelno == logging.ERROR and "check uplink.mqtt.username" in first.getMessage()
+    await wait_for(lambda: len(repeats(caplog, password_broker.port)) >= 3, "more attempts at the capped pace", 5)
+    assert len(failures(caplog, password_broker.port)) == 1
+    assert not uplink.connected and SECRET not in caplog.text
+
+
 # ----------------------------------------------------------------- shutdown
 
 
@@ -659,10 +739,31 @@ async def test_cancelling_run_also_publishes_the_shutdown_status(mosquitto, reco
     spool.close()
 
 
-def test_backoff_is_capped_exponential_with_jitter(tmp_path):
+def test_backoff_is_capped_at_5_s_exponential_with_equal_jitter(tmp_path):
     spool = Spool(tmp_path / "s.sqlite", 16 * MB)
-    uplink = Uplink(make_profile(1883), spool, lambda b: None, BIRTH, backoff_initial_s=0.5, backoff_max_s=30)
-    for attempt, ceiling in [(0, 0.5), (1, 1.0), (3, 4.0), (6, 30.0), (50, 30.0)]:
-        delays = {uplink._backoff_s(attempt) for _ in range(50)}
+    uplink = Uplink(make_profile(1883), spool, lambda b: None, BIRTH)  # the defaults the daemon uses
+    ceilings = [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    runs = []
+    for _ in range(50):
+        uplink._backoff.reset()
+        runs.append([uplink._backoff.next_delay() for _ in ceilings])
+    for attempt, ceiling in enumerate(ceilings):
+        delays = {run[attempt] for run in runs}
         assert all(ceiling / 2 <= d <= ceiling for d in delays) and len(delays) > 40
     spool.close()
+
+
+@pytest.mark.slow
+async def test_back_within_the_backoff_cap_after_a_long_broker_outage(mosquitto, recorders, start_uplink):
+    # The production pacing (0.5 s first, 5 s cap), not the tests' fast one.
+    uplink = start_uplink(make_profile(mosquitto.port), backoff_initial_s=0.5, backoff_max_s=5.0)
+    await wait_for(lambda: uplink.connected, "connection")
+    mosquitto.stop()
+    await wait_for(lambda: not uplink.connected, "uplink notices the outage")
+    await asyncio.sleep(12)  # long enough for the backoff to reach its cap
+    mosquitto.start()  # returns once the port accepts connections
+    back = time.monotonic()
+    await wait_for(lambda: uplink.connected, "reconnection", 10)
+    recovery_s = time.monotonic() - back
+    print(f"uplink back {recovery_s:.2f} s after the broker")
+    assert recovery_s < 5.0 + 1.0, f"the uplink came back {recovery_s:.1f} s after the broker"
