@@ -24,6 +24,13 @@ Public API
     ``report_interval_s``) and spontaneously (COT 3) when a value moves by more
     than ``report_deadband_pct`` or a status changes.  Server role only.
 
+``DeieLink.restore(orders, link_loss_default=False)``
+    Before ``run()``: put orders persisted before a restart in force (source
+    ``"persisted"``, see ``edge/order_store.py``), as the status points report them.
+``DeieLink.assume_link_lost()``
+    Before ``run()``: the orders before the restart are unknown (unreadable
+    file): apply ``on_link_loss`` now rather than after ``link_loss_timeout_s``.
+
 ``DeieLink.orders``  the ``GridOrders`` in force (``NO_ORDERS`` at start).
 ``DeieLink.serving``  server role: listening; client role: connecting or connected.
 ``DeieLink.link_up``  True while an operator connection is open (server role:
@@ -58,7 +65,7 @@ import c104
 
 from edge.asset import EventSink
 from edge.deie_config import CLIENT_ORDER_TYPE, ORDER_SIGNALS, DeieConfig, DeiePoint
-from edge.gridorders import NO_ORDERS, GridOrders
+from edge.gridorders import NO_ORDERS, SOURCE_PERSISTED, GridOrders
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +217,24 @@ class DeieLink:
             tasks.create_task(self._supervise())
             tasks.create_task(role())
 
+    def restore(self, orders: GridOrders, link_loss_default: bool = False) -> None:
+        """Orders in force before a restart, back in force before any device is commanded."""
+        self._loss_default = link_loss_default
+        signals = ("p_limit", "q_setpoint", "disconnect")
+        for signal in signals:
+            # The link-loss default is not an order received from the operator (as in _on_link_loss).
+            received = self._in_force(signal, orders) and not (signal == "p_limit" and link_loss_default)
+            self._status[ORDER_STATUS[signal][0]] = received
+        self._put_in_force(orders)
+        for signal in signals:
+            received, applied = ORDER_STATUS[signal]
+            self._status[applied] = self._status[received] and self._orders == orders
+
+    def assume_link_lost(self) -> None:
+        """Whether an order was in force before the restart is unknown: act on link loss at once."""
+        self._loss_handled = True
+        self._on_link_loss(reason="orders before the restart unknown")
+
     # ------------------------------------------------------------ orders
 
     def _on_command(self, point: c104.Point, previous_info: c104.Information,
@@ -308,16 +333,25 @@ class DeieLink:
             if self._points:
                 await self._flush_reports()
 
-    def _on_link_loss(self) -> None:
+    def _on_link_loss(self, reason: str | None = None) -> None:
         detail = {"action": self.cfg.on_link_loss, "timeout_s": self.cfg.link_loss_timeout_s,
                   "export_limit_kw": self._orders.export_limit_kw, "disconnected": self._orders.disconnected}
-        if self.cfg.on_link_loss == "default_limit":
+        if reason is not None:
+            detail["reason"] = reason
+        held_kw = self._orders.export_limit_kw
+        if (self.cfg.on_link_loss == "default_limit" and self._orders.source.startswith(SOURCE_PERSISTED)
+                and held_kw is not None and held_kw <= self.cfg.default_limit_kw):
+            # A limit from before the restart that is at least as strict as the default stays:
+            # the stricter wins, so a restart never loosens what the operator had ordered.
+            detail["kept"] = SOURCE_PERSISTED
+        elif self.cfg.on_link_loss == "default_limit":
             self._loss_default = True
             new = self._orders.with_(export_limit_kw=self.cfg.default_limit_kw, source="link_loss_default")
             detail["export_limit_kw"] = self.cfg.default_limit_kw
             self._status["p_limit_received"] = self._status["p_limit_applied"] = False
             self._put_in_force(new)
-        log.warning("DEIE link lost for %.1f s: %s", self.cfg.link_loss_timeout_s, self.cfg.on_link_loss)
+        log.warning("DEIE link lost %s: %s", reason or f"for {self.cfg.link_loss_timeout_s:.1f} s",
+                    self.cfg.on_link_loss)
         self._emit("deie_link_loss", None, detail)
 
     # ------------------------------------------------------------ reports

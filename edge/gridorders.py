@@ -20,7 +20,7 @@ class GridOrders:
     disconnected: bool = False  # "découplage": the site must not produce
     reactive_setpoint_kvar: float | None = None  # Q setpoint (reported; enforced when drivers control Q)
     tan_phi: float | None = None  # tan(phi) setpoint (reported; idem)
-    source: str = "none"  # "deie", "link_loss_default", ...
+    source: str = "none"  # "deie", "link_loss_default", "persisted" (SOURCE_PERSISTED) ...
 
     def __post_init__(self) -> None:
         for name in ("export_limit_kw", "reactive_setpoint_kvar", "tan_phi"):
@@ -39,6 +39,9 @@ class GridOrders:
 
 
 NO_ORDERS = GridOrders()
+# Orders restored at start-up from before a restart (edge/order_store.py), until the
+# operator's next order, lift or (client role) the DEIE's general interrogation replaces them.
+SOURCE_PERSISTED = "persisted"
 
 
 def effective_export_limit_kw(profile_limit_kw: float | None, orders: GridOrders) -> float | None:
