@@ -11,6 +11,7 @@ import pytest
 from drivers.iec104 import Iec104Asset, create
 from simulators.bess import BessSimulator, BessSpec
 from simulators.p2h import P2hSimulator, P2hSpec
+from tests.conftest import DriverTask
 
 CYCLE_S = 0.5
 
@@ -29,18 +30,11 @@ def p2h_asset(unit, template="electric-boiler", **extra) -> Iec104Asset:
                        connect_timeout_s=1.0, **extra)
 
 
-class Running:
+class Running(DriverTask):
     def __init__(self, asset):
         self.events: list[tuple[str, dict]] = []
         self.driver = create(asset, CYCLE_S, lambda kind, asset_id, detail: self.events.append((kind, detail)))
 
-    async def __aenter__(self):
-        self.task = asyncio.create_task(self.driver.run())
-        return self
-
-    async def __aexit__(self, *exc):
-        self.task.cancel()
-        await asyncio.wait_for(asyncio.gather(self.task, return_exceptions=True), 5)
 
     async def until(self, predicate, timeout_s=3.0, what="condition"):
         deadline = time.monotonic() + timeout_s

@@ -1,7 +1,8 @@
 """IEC 60870-5-104 driver: batteries (BESS) and power-to-heat/hydrogen units as controlled stations.
 
-The gateway is the controlling station (c104.Client, one per asset; the
-process's IEC 104 drivers share one send thread and one loop inbox,
+The gateway is the controlling station (a c104.Client per asset, a fresh one
+for every connection attempt; the process's IEC 104 drivers share one send
+thread and one loop inbox,
 ``drivers/iec104/bridge.py``).  The
 daemon calls ``create(asset, cycle_s, emit_event)`` once per ``driver: iec104``
 asset and runs the returned driver's ``run()`` as its own task.  Profile keys,
@@ -22,8 +23,15 @@ Public API
         of ``p_measured``, or of another monitored point while a read is still
         in flight) every half cycle; no frame for two cycles, or the
         connection closing, marks the asset offline and reconnects with capped
-        exponential backoff and jitter (about 0.1 s first, at most 30 s).
-        Runs until cancelled.
+        exponential backoff and equal jitter (0.05-0.1 s first, at most 10 s,
+        ``RECONNECT_CAP_S``; ``Iec104Driver(..., backoff=Backoff(...))`` to
+        change it).  Every attempt has its own client, stopped once the
+        attempt fails or the link is lost, so that c104 makes no attempt of
+        its own: one attempt per backoff step, no thread left behind; the
+        delays start again from the first after a link that stayed up for
+        the cap.  Online
+        (``asset_online``) as soon as a new link's general interrogation has
+        ended.  Runs until cancelled.
 
     ``driver.reading() -> edge.asset.AssetReading``
         Never blocks.  Offline: all values None, ``detail`` says why.
@@ -35,6 +43,10 @@ Public API
         = 0`` and no gap when the store is full).
         Fault or local mode: degraded, band collapsed to the measured power.
         A failed command or a bad-quality value: degraded with the reason.
+        ``command_refused``: the last setpoint was refused (negative ACT_CON
+        or ACT_TERM), not confirmed within ``command_timeout_s`` or could not
+        be sent (local mode, fault, a value its type cannot carry); kept
+        until a setpoint is confirmed.  A lost link does not set it.
 
     ``driver.set_target_kw(target_kw: float | None) -> None``
         Non-blocking, newest wins.  Sends a setpoint command (the
@@ -42,6 +54,11 @@ Public API
         is a positive ACT_CON (and ACT_TERM with ``confirm: act_term``)
         within ``command_timeout_s``.  A confirmed target is not re-sent
         (IEC 104 setpoints latch) except after a reconnect.  None sends 0 kW.
+
+    ``driver.device_ratings() -> dict[str, edge.asset.DeviceRating]``
+        BESS: the highest available charge / discharge power reported since
+        start, as ``max_charge_kw`` / ``max_discharge_kw`` ("at least"
+        figures); the daemon reports one above the profile's rating.
 
     Diagnostics: ``commands_sent``, ``commands_failed``, ``last_command_s``
     (round trip of the last confirmed command: from handing it to c104 to its

@@ -19,8 +19,15 @@ sends a burst of 50 commands in a few milliseconds; with a pool thread per
 call, waking 50 threads that each need the GIL spread the same burst over 20-30
 ms.  Select-and-execute needs c104 to wait for the select's confirmation
 before it sends the execute: those drivers keep the command timeout and their
-calls run in the driver pool (``_blocking``), as do start, stop, connect and
-disconnect.
+calls run in the driver pool (``_blocking``), as do a client's build, start and
+stop.
+
+Every connection attempt gets a fresh client, stopped when the attempt fails or
+the link is lost.  c104 2.2.1 retries a failed connection by itself about once a
+second, and ``Connection.disconnect()`` does not stop a connection that waits to
+reconnect: with one long-lived client, each later ``connect()`` added another
+such loop and the attempts to a dead unit grew instead of backing off.  A stopped
+client makes no attempts, so the driver's ``Backoff`` alone paces them.
 """
 
 # No "from __future__ import annotations": c104 checks callback annotations as objects, not strings.
@@ -35,13 +42,13 @@ from typing import Any
 
 import c104
 
-from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink
 from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
 
 from drivers.iec104 import apdu
 from drivers.iec104.config import Iec104Asset, PointSpec
 from drivers.iec104.bridge import LoopInbox, SendThread
-from drivers.iec104.reading import blocking_reason, build_reading, feasible_target_kw
+from drivers.iec104.reading import available_peaks, blocking_reason, build_reading, feasible_target_kw
 
 log = logging.getLogger("flexedge.drivers.iec104")
 # One DEBUG line per confirmed command with its round trip; a logger of its own so that a
@@ -50,7 +57,13 @@ command_log = logging.getLogger("flexedge.drivers.iec104.commands")
 
 TYPE_ID_C_IC_NA_1 = 100
 
-# c104's blocking calls (start, stop, connect, and a select-and-execute transmit that waits for
+# Longest pause between connection attempts to a dead unit (the delay is drawn from [cap/2, cap]).
+# A battery or boiler back from an outage is found again within this; 10 s keeps that to a
+# third of aFRR's 30 s activation delay, where 30 s would spend all of it, and one TCP connection
+# attempt every 5 to 10 s per dead unit costs the unit and the site network nothing.
+RECONNECT_CAP_S = 10.0
+
+# c104's blocking calls (start, stop, and a select-and-execute transmit that waits for
 # its ACT_CON) wait with the GIL released, several at once after a site restart or a setpoint.
 # They get a pool of their own so that they neither queue in the loop's default executor
 # (min(32, cores + 4) threads) nor behind the spool's SQLite commits there.
@@ -91,7 +104,7 @@ class Iec104Driver(AssetDriver):
         self.asset = asset
         self.points = asset.point_map()
         self.endpoint = f"{asset.host}:{asset.port}/CA{asset.common_address}"
-        self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=30.0)
+        self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=RECONNECT_CAP_S)
         self._check_s = cycle_s / 8
         self.offline_after_s = 2.0 * cycle_s - self._check_s
         self.probe_after_s = cycle_s / 2
@@ -119,6 +132,8 @@ class Iec104Driver(AssetDriver):
         self._online: bool | None = None
         self._last_error = "not connected yet"
         self._command_problem: str | None = None
+        # AssetReading.command_refused: set by a failed setpoint (not by a lost link), cleared by a confirmed one.
+        self._command_refused = False
         self._degraded_reported = False
         self._target: float | None = None
         self._target_pending = False
@@ -130,10 +145,14 @@ class Iec104Driver(AssetDriver):
         # its calling thread waits, leaving a read blocked until its timeout; a stuck read
         # on one point must not keep the next probe (on another point) from going out.
         self._probes: dict[str, asyncio.Future] = {}
-        self._probe_calls: set[asyncio.Future] = set()  # the reads themselves, in worker threads
+        # Every call into the current client still running in a worker thread (start, reads,
+        # commands, interrogation, unmute): the client is stopped only once they have ended.
+        self._in_c104: set[asyncio.Future] = set()
+        self._stopping: asyncio.Future | None = None  # the last client's stop, waited for by run()
         self.commands_sent = 0
         self.commands_failed = 0
         self.last_command_s: float | None = None  # round trip of the last confirmed command
+        self._available_peaks: dict[str, DeviceRating] = {}  # see device_ratings
 
     # ------------------------------------------------------------ public API
 
@@ -144,13 +163,21 @@ class Iec104Driver(AssetDriver):
         problems = [f"bad quality on {name}" for name in sorted(bad_quality)]
         if self._command_problem:
             problems.append(self._command_problem)
-        reading = build_reading(self.asset, values, problems, read_at=value_at)
+        reading = build_reading(self.asset, values, problems, read_at=value_at, command_refused=self._command_refused)
         if reading.degraded and not self._degraded_reported:
             self._degraded_reported = True
             self._emit("asset_degraded", {"reason": reading.detail})
         elif not reading.degraded:
             self._degraded_reported = False
         return reading
+
+    def device_ratings(self) -> dict[str, DeviceRating]:
+        """Battery: the highest available charge and discharge power (``p_charge_available``,
+        ``p_discharge_available``) the unit has reported since the gateway started, as
+        ``max_charge_kw`` / ``max_discharge_kw``; it can do at least that (docs/drivers/iec104.md)."""
+        values, bad_quality, _ = self._latest_values()
+        self._available_peaks = available_peaks(self.asset, self.points, values, bad_quality, self._available_peaks)
+        return self._available_peaks
 
     def set_target_kw(self, target_kw: float | None) -> None:
         if target_kw is not None:
@@ -178,16 +205,11 @@ class Iec104Driver(AssetDriver):
         finally:
             for probe in self._probes.values():
                 probe.cancel()
-            # A read or a command still blocked in c104 must end before its client is
-            # stopped: stopping the client under a thread inside it can crash the process.
-            in_c104 = {call for call in self._probe_calls if not call.done()}
-            if self._transmit is not None and not self._transmit.done():
-                in_c104.add(self._transmit)
-            if in_c104:
-                await asyncio.shield(asyncio.wait(in_c104, timeout=self.asset.command_timeout_s + 0.5))
-            client, self._client = self._client, None
-            if client is not None:
-                await asyncio.shield(_blocking(client.stop))
+            await self._close_client()
+            if self._stopping is not None and not self._stopping.done():
+                # Cancelled while a client was being stopped: a running client would go on
+                # reconnecting by itself after this driver is gone.
+                await asyncio.shield(self._stopping)
 
     # ------------------------------------------------- c104 thread callbacks
 
@@ -195,6 +217,8 @@ class Iec104Driver(AssetDriver):
         self._inbox.post(callback, *args)
 
     def _on_raw(self, connection: c104.Connection, data: bytes) -> None:
+        if connection is not self._connection:
+            return  # a frame of a client being stopped: its attempt is over
         self._last_heard = time.monotonic()  # a float attribute: one atomic store, read on the loop
         values = apdu.monitored_values(data, self.asset.common_address)
         if values:
@@ -203,7 +227,7 @@ class Iec104Driver(AssetDriver):
         head = apdu.parse(data)
         if head is not None and head.cot in (apdu.COT_ACT_CON, apdu.COT_ACT_TERM) \
                 and head.common_address == self.asset.common_address:
-            self._post(self._confirmation, head)
+            self._post(self._confirmation, connection, head)
 
     def _store(self, values: list[apdu.MonitoredValue]) -> None:
         known = [(self._monitored_by_ioa[v.ioa], v) for v in values if v.ioa in self._monitored_by_ioa]
@@ -219,7 +243,7 @@ class Iec104Driver(AssetDriver):
             self._value_at = time.time()
 
     def _on_state(self, connection: c104.Connection, state: c104.ConnectionState) -> None:
-        self._post(self._state_is, state)
+        self._post(self._state_is, connection, state)
 
     # ------------------------------------------------------ on-loop handlers
 
@@ -227,20 +251,25 @@ class Iec104Driver(AssetDriver):
         with self._values_lock:
             return dict(self._values), frozenset(self._bad_quality), self._value_at
 
-    def _confirmation(self, head: apdu.AsduHead) -> None:
+    def _confirmation(self, connection: c104.Connection, head: apdu.AsduHead) -> None:
+        if connection is not self._connection:
+            return  # queued before its client was stopped
         if head.type_id == TYPE_ID_C_IC_NA_1 and head.cot == apdu.COT_ACT_TERM:
             self._gi_done.set()
+            self._state_changed.set()  # wakes _await_open, which waits for this or a closed link
         waiter = self._waiters.get((head.ioa, head.cot))
         if waiter is not None and not waiter.done():
             waiter.set_result(not head.negative)
 
-    def _state_is(self, state: c104.ConnectionState) -> None:
+    def _state_is(self, connection: c104.Connection, state: c104.ConnectionState) -> None:
+        if connection is not self._connection:
+            return  # an earlier attempt's client (a stopped client reports CLOSED)
         self._state = state
         self._state_changed.set()
 
     # ------------------------------------------------------------ connection
 
-    def _build_client(self) -> None:
+    def _build_client(self) -> tuple[c104.Client, c104.Connection, dict[str, c104.Point]]:
         security = None
         if self.asset.tls is not None:
             tls = self.asset.tls
@@ -252,31 +281,27 @@ class Iec104Driver(AssetDriver):
             command_timeout_ms=0 if self._direct else int(self.asset.command_timeout_s * 1000),
             transport_security=security,
         )
-        # Init.ALL: on every (re)connect c104 sends STARTDT, a general interrogation and a clock sync.
+        # Init.ALL: on connecting c104 sends STARTDT, a general interrogation and a clock sync.
         connection = client.add_connection(ip=self.asset.host, port=self.asset.port, init=c104.Init.ALL)
         connection.on_receive_raw(callable=self._on_raw)
         connection.on_state_change(callable=self._on_state)
         station = connection.add_station(common_address=self.asset.common_address)
         mode = c104.CommandMode.SELECT_AND_EXECUTE if self.asset.command_mode == "select_and_execute" else c104.CommandMode.DIRECT
+        points = {}
         for signal, spec in self.points.items():
             ptype = getattr(c104.Type, spec.type)
             if spec.type.startswith("C_"):
-                point = station.add_point(io_address=spec.ioa, type=ptype, command_mode=mode)
+                points[signal] = station.add_point(io_address=spec.ioa, type=ptype, command_mode=mode)
             else:  # no on_receive: _on_raw decodes the values
-                point = station.add_point(io_address=spec.ioa, type=ptype)
-            self._remote_points[signal] = point
-        self._client, self._connection = client, connection
+                points[signal] = station.add_point(io_address=spec.ioa, type=ptype)
+        return client, connection, points
 
     async def _connection_loop(self) -> None:
         while True:
+            opened_at = None
             try:
-                if self._client is None:
-                    await _blocking(self._build_client)
-                    await _blocking(self._client.start)  # starts its thread and connects
-                else:
-                    await _blocking(self._connection.connect)
-                await self._await_open()
-                self.backoff.reset()
+                await self._open()
+                opened_at = time.monotonic()
                 self._set_online(True, "connected and interrogated")
                 if self._target is not None or self._confirmed_target is not None:
                     self._target_pending = True  # a restarted unit may have lost its setpoint
@@ -289,22 +314,38 @@ class Iec104Driver(AssetDriver):
             except Exception as error:  # a bug must not kill the driver task
                 log.exception("%s: unexpected error", self.asset_id)
                 self._note_failure(f"internal error: {error!r}")
-            if self._connection is not None:
-                # Stop c104's own fixed-interval reconnects: the retry schedule is ours.
-                await _blocking(self._connection.disconnect)
+            # The attempt is over: its client goes, so that c104 makes no attempt of its own and
+            # the backoff alone paces the next one.
+            await self._close_client()
+            # Only a link that stayed up counts as a success: a unit that hangs up soon after the
+            # interrogation, again and again, is retried at the backoff's pace, not at once each time.
+            if opened_at is not None and time.monotonic() - opened_at >= self.backoff.cap_s:
+                self.backoff.reset()
             await asyncio.sleep(self.backoff.next_delay())
 
-    async def _await_open(self) -> None:
+    async def _open(self) -> None:
+        """One connection attempt, on a fresh client: TCP, STARTDT and the general interrogation."""
+        client, connection, points = await _blocking(self._build_client)
         self._gi_done.clear()
         self._link_dead = None
+        # Until c104 says otherwise; CLOSED or CLOSED_AWAIT_RECONNECT from here on mean the attempt failed.
+        self._state = c104.ConnectionState.CLOSED_AWAIT_OPEN
+        self._client, self._connection, self._remote_points = client, connection, points
+        await self._c104_call(client.start, pool=True)  # starts the client's thread, which connects
+        await self._await_open()
+
+    async def _await_open(self) -> None:
         deadline = time.monotonic() + self.asset.connect_timeout_s
         unmute_at = time.monotonic() + self.asset.connect_timeout_s / 2
         while self._state != c104.ConnectionState.OPEN:
+            if self._state in (c104.ConnectionState.CLOSED, c104.ConnectionState.CLOSED_AWAIT_RECONNECT):
+                # Refused, or closed by the unit before STARTDT; waiting on would only see c104's own retry.
+                raise LinkDown(f"connection to {self.endpoint} refused or closed ({self._state.name})")
             self._state_changed.clear()
             if self._state == c104.ConnectionState.OPEN_MUTED and time.monotonic() > unmute_at:
                 # Seen with c104 2.2.1: now and then a fresh connection stays muted (no STARTDT).
                 unmute_at = deadline
-                await _blocking(self._connection.unmute)
+                await self._c104_call(self._connection.unmute, pool=True)
             remaining = min(deadline, unmute_at) - time.monotonic()
             if time.monotonic() >= deadline:
                 raise LinkDown(f"no connection to {self.endpoint} within {self.asset.connect_timeout_s:g} s")
@@ -313,16 +354,50 @@ class Iec104Driver(AssetDriver):
             except TimeoutError:
                 pass
         self._last_heard = time.monotonic()
-        try:
-            await asyncio.wait_for(self._gi_done.wait(), max(0.05, deadline - time.monotonic()))
-        except TimeoutError:
+        if not await self._interrogated(max(deadline, time.monotonic() + 0.05)):
             # c104's own interrogation did not finish (or was skipped after an unmute): ask again.
             await self._c104_call(self._connection.interrogation, common_address=self.asset.common_address,
                                   wait_for_response=False)
-            try:
-                await asyncio.wait_for(self._gi_done.wait(), self.asset.command_timeout_s)
-            except TimeoutError:
+            if not await self._interrogated(time.monotonic() + self.asset.command_timeout_s):
                 log.warning("%s: general interrogation not confirmed", self.asset_id)
+
+    async def _interrogated(self, deadline: float) -> bool:
+        """Whether the general interrogation's ACT_TERM comes by ``deadline`` (monotonic); LinkDown if the link closes first."""
+        while not self._gi_done.is_set():
+            if self._state != c104.ConnectionState.OPEN:
+                raise LinkDown(f"connection to {self.endpoint} closed ({self._state.name}) during the interrogation")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._state_changed.clear()
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), remaining)
+            except TimeoutError:
+                pass
+        return True
+
+    async def _close_client(self) -> None:
+        """Stop the current client, once every call still inside it has returned."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        # From here no call reaches this client and its late callbacks are dropped.
+        self._connection, self._remote_points = None, {}
+        self._state = c104.ConnectionState.CLOSED
+        in_c104 = {call for call in self._in_c104 if not call.done()}
+        self._stopping = asyncio.ensure_future(self._stop_client(client, in_c104))
+        await asyncio.shield(self._stopping)
+
+    async def _stop_client(self, client: c104.Client, in_c104: set[asyncio.Future]) -> None:
+        if in_c104:
+            # Stopping a client under a thread that is inside it can crash the process.
+            _, stuck = await asyncio.wait(in_c104, timeout=self.asset.command_timeout_s + 0.5)
+            if stuck:
+                log.warning("%s: stopping the client with %d c104 call(s) still running", self.asset_id, len(stuck))
+        try:
+            await _blocking(client.stop)
+        except Exception:  # nothing more to do with this client; the next attempt has its own
+            log.exception("%s: stopping the c104 client failed", self.asset_id)
 
     async def _serve(self) -> None:
         while True:
@@ -376,11 +451,11 @@ class Iec104Driver(AssetDriver):
         C_TS_TA_1" to stderr for every answer to one.  With select-and-execute ``read()``
         blocks until the answer (or c104's command timeout), in a pool thread.
         """
+        point = self._remote_points.get(signal)
+        if point is None:
+            return  # the client was stopped before this probe started
         try:
-            call = self._c104_call(self._remote_points[signal].read)
-            self._probe_calls.add(call)
-            call.add_done_callback(self._probe_calls.discard)
-            await call
+            await self._c104_call(point.read)
         except Exception as error:  # e.g. c104 refusing a second read in flight: the next check tries again
             log.debug("%s: read probe not sent: %r", self.asset_id, error)
 
@@ -444,11 +519,14 @@ class Iec104Driver(AssetDriver):
         if self._transmit is not None and not self._transmit.done():
             # A timed-out transmit still holds the point; c104 allows one command in flight.
             await asyncio.wait({self._transmit}, timeout=self.asset.command_timeout_s)
+        point = self._remote_points.get("p_setpoint")
+        if point is None or not self._online:  # the link went while the point was held
+            self._command_failed(target_kw, value_kw, f"link down ({self._state.name})", written, refused=False)
+            return
         loop = asyncio.get_running_loop()
         # The raw-frame callback resolves these: True positive, False negative; None: the link was lost.
         con = self._waiters[(spec.ioa, apdu.COT_ACT_CON)] = loop.create_future()
         term = self._waiters[(spec.ioa, apdu.COT_ACT_TERM)] = loop.create_future()
-        point = self._remote_points["p_setpoint"]
         started = time.monotonic()
         self.commands_sent += 1
         try:
@@ -471,9 +549,10 @@ class Iec104Driver(AssetDriver):
             else:
                 reason = "negative ACT_CON (unit refused the setpoint)" if accepted is False else "link lost"
             if accepted is not True:
+                link_lost = self._state != c104.ConnectionState.OPEN or (accepted is None and reason == "link lost")
                 if self._state != c104.ConnectionState.OPEN:
                     reason = f"link down ({self._state.name})"
-                self._command_failed(target_kw, value_kw, reason, written)
+                self._command_failed(target_kw, value_kw, reason, written, refused=not link_lost)
                 return
             if self.asset.confirm == "act_term":
                 remaining = self.asset.command_timeout_s - (time.monotonic() - started)
@@ -483,13 +562,14 @@ class Iec104Driver(AssetDriver):
                 except TimeoutError:
                     executed = "timeout"
                 if executed is not True:
-                    if executed is None or self._state != c104.ConnectionState.OPEN:
+                    link_lost = executed is None or self._state != c104.ConnectionState.OPEN
+                    if link_lost:
                         reason = "link lost before ACT_TERM"
                     elif executed is False:
                         reason = "negative ACT_TERM (unit did not execute)"
                     else:
                         reason = f"no ACT_TERM within {self.asset.command_timeout_s:g} s"
-                    self._command_failed(target_kw, value_kw, reason, written)
+                    self._command_failed(target_kw, value_kw, reason, written, refused=not link_lost)
                     return
         finally:
             for key in ((spec.ioa, apdu.COT_ACT_CON), (spec.ioa, apdu.COT_ACT_TERM)):
@@ -501,24 +581,37 @@ class Iec104Driver(AssetDriver):
         command_log.debug("%s: %s kW confirmed in %.3f ms", self.asset_id, target_kw, self.last_command_s * 1000)
         if self._command_problem is not None:
             self._command_problem = None
+        self._command_refused = False
 
-    def _c104_call(self, call, *args, **kwargs) -> asyncio.Future:
-        """A c104 call off the loop: on the send thread when it only sends, else in the pool."""
+    def _c104_call(self, call, *args, pool: bool = False, **kwargs) -> asyncio.Future:
+        """A c104 call off the loop: on the send thread when it only sends, else (or with ``pool``) in the pool.
+
+        The call is noted in ``_in_c104`` until it has returned, and what is returned is a shield
+        of it: a caller that is cancelled stops waiting, but the client is still not stopped
+        under the call (``_close_client``).
+        """
         if kwargs:
             call = functools.partial(call, **kwargs)
-        if self._direct:
-            return _SENDER.submit(call, *args)
-        return asyncio.get_running_loop().run_in_executor(_C104_CALLS, call, *args)
+        if self._direct and not pool:
+            inner = _SENDER.submit(call, *args)
+        else:
+            inner = asyncio.get_running_loop().run_in_executor(_C104_CALLS, call, *args)
+        self._in_c104.add(inner)
+        inner.add_done_callback(self._in_c104.discard)
+        return asyncio.shield(inner)
 
     @staticmethod
     def _send_command(point: c104.Point, value) -> bool:
         point.value = value
         return point.transmit(cause=c104.Cot.ACTIVATION)
 
-    def _command_failed(self, target_kw, value_kw, reason: str, written: dict[str, Any]) -> None:
+    def _command_failed(self, target_kw, value_kw, reason: str, written: dict[str, Any], *, refused: bool = True) -> None:
+        """``refused``: the unit refused or did not confirm it, or it could not be sent; not so when the link went."""
         self.commands_failed += 1
         self._confirmed_target = None
         self._command_problem = f"last command failed: {reason}"
+        if refused:
+            self._command_refused = True
         log.warning("%s: command %s kW failed: %s", self.asset_id, target_kw, reason)
         self._emit("command_failed", {"target_kw": target_kw, "sent_kw": value_kw, "reason": reason, **written})
 

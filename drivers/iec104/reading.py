@@ -2,6 +2,8 @@
 
 Pure functions, no I/O: ``build_reading`` and ``feasible_target_kw`` are what
 the driver applies; their rules are listed in docs/drivers/iec104.md.
+``available_peaks`` keeps the highest available power a battery has reported,
+the figure compared with the profile's ratings (edge/ratings.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import math
 import time
 from typing import Any
 
-from edge.asset import AssetReading
+from edge.asset import AssetReading, DeviceRating
+
+# Profile key -> the signal where the unit tells how much it can do now.
+AVAILABLE_SIGNALS = {"max_charge_kw": "p_charge_available", "max_discharge_kw": "p_discharge_available"}
 
 
 def blocking_reason(asset, values: dict[str, Any]) -> str | None:
@@ -26,8 +31,13 @@ def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
-def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: float | None = None) -> AssetReading:
-    """The reading of an online unit; ``problems`` (bad quality, failed command ...) make it degraded."""
+def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: float | None = None,
+                  command_refused: bool = False) -> AssetReading:
+    """The reading of an online unit; ``problems`` (bad quality, failed command ...) make it degraded.
+
+    ``command_refused``: the driver's own record of the last setpoint (refused, unconfirmed or not
+    sendable), kept across readings until a setpoint is confirmed.
+    """
     problems = list(problems)
     notes: list[str] = []
     p_kw = _finite(values.get("p_measured"))
@@ -85,6 +95,7 @@ def build_reading(asset, values: dict[str, Any], problems: list[str], read_at: f
         p_max_kw=p_max_kw,
         p_gap_kw=gap_kw,
         degraded=bool(problems),
+        command_refused=command_refused,
         detail="; ".join(problems + notes),
         read_at=read_at if read_at is not None else time.time(),
     )
@@ -101,3 +112,26 @@ def feasible_target_kw(asset, target_kw: float, values: dict[str, Any]) -> float
     if 0.0 < consume < min_load:
         consume = min_load if consume >= min_load / 2 else 0.0
     return -consume
+
+
+def available_peaks(asset, points: dict[str, Any], values: dict[str, Any], bad_quality,
+                    peaks: dict[str, DeviceRating]) -> dict[str, DeviceRating]:
+    """``peaks`` raised to the battery's available charge/discharge power now, where higher.
+
+    An available power is what the unit can do now, below its rating whenever its state of
+    charge or temperature derates it, so only the highest figure seen says what it can do at
+    all; a figure above the profile's rating is the disagreement worth a warning.  Values of
+    bad quality are left out.  Returns ``peaks`` itself when nothing rose, a new mapping otherwise.
+    """
+    if asset.kind != "bess":
+        return peaks
+    raised = None
+    for key, signal in AVAILABLE_SIGNALS.items():
+        kw = _finite(values.get(signal))
+        if kw is None or signal in bad_quality or signal not in points:
+            continue
+        kw = abs(kw)  # units differ in the sign of a charge figure; docs say "a positive number"
+        if key not in peaks or kw > peaks[key].power_kw:
+            raised = dict(peaks) if raised is None else raised
+            raised[key] = DeviceRating(kw, f"IEC 104 {signal} (IOA {points[signal].ioa})", at_least=True)
+    return peaks if raised is None else raised
