@@ -48,8 +48,10 @@ class Events:
 
 
 def server_cfg(tmp_path: Path, **overrides) -> OcppServer:
+    # A short boot grace: stations that reconnect without booting (restart tests) get their
+    # limits after it.
     values = dict(host="127.0.0.1", port=free_port(), id_tag_salt_file=tmp_path / "ocpp-salt",
-                  authorize={"mode": "local_list", "id_tags": [TAG]})
+                  authorize={"mode": "local_list", "id_tags": [TAG]}, boot_grace_s=1.0)
     values.update(overrides)
     return OcppServer(**values)
 
@@ -443,6 +445,7 @@ async def test_prebuilt_call_sends_the_payload_as_is_and_reports_errors_like_cal
     point = CentralPoint16("CP1", link, session=None, authorize=lambda tag: True, heartbeat_s=60,
                            response_timeout_s=0.2)
     receiver = asyncio.create_task(point.start())
+    point.ready.set()  # as once the charger's BootNotification is answered
     try:
         assert await point.call_prebuilt("SetChargingProfile", payload) == {"status": "Accepted"}
         frame = json.loads(link.sent[0])
@@ -474,6 +477,9 @@ class ThinStation:
         from websockets.asyncio.client import connect
 
         self.link = await connect(self.url, subprotocols=["ocpp1.6"], ping_interval=None)
+        # The central system sends nothing before it has answered a BootNotification.
+        await self.link.send(json.dumps([2, "boot", "BootNotification",
+                                         {"chargePointVendor": "thin", "chargePointModel": "thin"}]))
         self.task = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:

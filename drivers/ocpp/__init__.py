@@ -20,6 +20,21 @@ Public API
     Never blocks: the charger's turn is queued with the central system's
     ``LoopPacer`` (``drivers.ocpp.pacing``), which spreads the sends of a
     burst, and the incoming messages, over loop iterations.
+    A refused or unanswered limit makes the reading ``degraded`` and
+    ``command_refused`` (the charger runs unlimited or not as commanded) until
+    a profile is accepted; it is retried with capped backoff, and no new
+    target bypasses the backoff.  A charger that refuses its configured
+    ChargingStationExternalConstraints purpose or W unit (never accepted
+    before) falls back once, for the rest of the run, to TxDefaultProfile in A
+    (``charging_profile_fallback`` event).
+
+Boot first: the central system sends no request at all (TriggerMessage,
+GetReport, SetChargingProfile, anything added later: the gate is in the
+connection's ``call``) before it has sent its Accepted answer to the
+charger's BootNotification on that link, or ``OcppServer.boot_grace_s``
+(default 5 s) after the charger connected without sending one (it was
+booted already and reconnected, e.g. after a gateway restart).  Targets set
+meanwhile wait; the newest is sent.
 
 ``OcppCentralSystem(server_cfg, chargers, emit_event)`` (``drivers.ocpp.central``)
     The server on its own, e.g. for tools and benchmarks; see its docstring.
@@ -31,8 +46,9 @@ Events (type, detail): ``asset_online`` {ocpp_version, remote}, ``asset_offline`
 {reason}, ``ev_connected``, ``ev_disconnected``, ``session_started``
 {transaction_id, id_tag_hash, meter_start_wh}, ``session_stopped``
 {transaction_id, id_tag_hash, energy_kwh, reason}, ``authorization_rejected``
-{id_tag_hash}, ``command_failed`` {limit, unit, reason}, ``asset_degraded``
-{reason}, ``ocpp_auth_failed`` {remote, reason}; site-level (asset None):
+{id_tag_hash}, ``command_failed`` {limit, unit, purpose, reason},
+``charging_profile_fallback`` {from_purpose, from_unit, to_purpose, to_unit,
+reason}, ``asset_degraded`` {reason}, ``ocpp_auth_failed`` {remote, reason}; site-level (asset None):
 ``ocpp_unknown_charge_point`` {charge_point_id, remote}.  Every charger event
 carries ``charge_point_id``.  ID tags never leave the driver: events carry a
 salted HMAC-SHA256 (``id_tag_salt_file``).

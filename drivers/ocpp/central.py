@@ -27,7 +27,8 @@ and ``ocpp_auth_failed`` otherwise); profile 3 needs a client certificate
 signed by ``ca_file`` (the TLS handshake fails without one).  The subprotocol
 is ``ocpp2.0.1`` or ``ocpp1.6`` as the charger's ``ocpp_version`` allows, the
 newest the charger offers when ``auto``.  A charger connecting again replaces
-its previous link.
+its previous link.  Nothing is sent to a charger before its BootNotification
+is answered, or ``boot_grace_s`` after it connected without sending one.
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ class OcppCentralSystem:
         point = point_class(cp_id, connection, session, self.authorize, self.cfg.heartbeat_interval_s,
                             self.cfg.call_timeout_s, pacer=self.pacer)
         session.on_connected(version, _remote(connection))
+        point.arm_boot_grace(self.cfg.boot_grace_s)
         commands = asyncio.create_task(command_loop(point, session, version), name=f"ocpp-commands-{cp_id}")
         reason = "closed"
         try:
@@ -228,6 +230,7 @@ class OcppCentralSystem:
         except ConnectionClosed as closed:
             reason = f"link closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
         finally:
+            point.disarm_boot_grace()
             commands.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await commands

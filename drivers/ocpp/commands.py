@@ -1,18 +1,30 @@
 """Commands from the central system to one connected charger.
 
 ``command_loop(point, session, version)`` runs beside the receive loop of a
-connection: on its first turn it asks the charger for its connector status
-(TriggerMessage), then sends a SetChargingProfile whenever the session's
+connection.  It sends nothing until the point's boot gate opens (our
+BootNotification answer went out, or the boot grace period passed without
+one: ``drivers.ocpp.handlers``); targets set meanwhile wait, newest wins.  On
+its first turn after that it asks the charger for its connector status
+(TriggerMessage) and, in 2.0.1, for its EVSE's maximum power (GetReport),
+then sends a SetChargingProfile whenever the session's
 target moves the limit beyond the deadband (see ``drivers.ocpp.limits``).
 Turns come from the central system's ``LoopPacer`` (``drivers.ocpp.pacing``).
+
 A rejection, a CALLERROR or no answer within ``call_timeout_s`` is a failed
-command: the session emits ``command_failed`` and is degraded, and the limit
-is tried again with capped backoff until accepted or replaced.
+command: the session emits ``command_failed``, is degraded and reports
+``command_refused``, and the newest limit is tried again with capped,
+jittered backoff until accepted; no SetChargingProfile goes out while backing
+off, whatever new targets arrive, so a charger that refuses everything is not
+hammered.  The first refusal of a configured ChargingStationExternalConstraints
+purpose or W unit (never accepted before) instead switches the charger to
+TxDefaultProfile in A at once (``charging_profile_fallback``,
+``drivers.ocpp.session.fallback_settings``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from datetime import datetime, timedelta, timezone
@@ -94,32 +106,67 @@ async def trigger_status(point, version: str, charger: OcppCharger) -> None:
         log.info("%s: TriggerMessage StatusNotification not done: %s", charger.charge_point_id, error or "timeout")
 
 
-async def send_limit(point, session: ChargerSession, version: str, limit: ChargeLimit) -> bool:
-    charger = session.charger
+_report_ids = itertools.count(1)
+
+
+async def request_ratings(point, version: str, charger: OcppCharger) -> None:
+    """2.0.1: ask for the EVSE's maximum power, the maxLimit of its device-model variable
+    EVSE Power, which only a report carries (GetVariables gives attribute values, not
+    characteristics); the charger sends it in a NotifyReport (``drivers.ocpp.handlers``).
+    1.6 has no standard configuration key for a charger's power: nothing is asked."""
+    if version != "2.0.1":
+        return
+    request = call201.GetReport(request_id=next(_report_ids), component_variable=[
+        {"component": {"name": "EVSE", "evse": {"id": charger.evse_id}}, "variable": {"name": "Power"}}])
+    try:
+        response = await point.call(request, suppress=False)
+    except (OCPPError, asyncio.TimeoutError) as error:
+        log.info("%s: GetReport EVSE Power not done: %s", charger.charge_point_id, error or "timeout")
+        return
+    if response.status != "Accepted":
+        log.info("%s: GetReport EVSE Power: %s (its maximum power is not compared with the profile)",
+                 charger.charge_point_id, response.status)
+
+
+ACCEPTED, FALLBACK, FAILED = "accepted", "fallback", "failed"
+
+
+def _refused(session: ChargerSession, limit: ChargeLimit, why: str, purpose: str | None) -> str:
+    fell_back = session.on_command_result(limit, False, why, refused=True, purpose=purpose)
+    return FALLBACK if fell_back else FAILED
+
+
+async def send_limit(point, session: ChargerSession, version: str, limit: ChargeLimit) -> str:
+    """Send ``limit`` with the session's command settings: ACCEPTED, FALLBACK (refused, and the
+    session switched to its fallback profile, to be sent at once) or FAILED."""
+    charger = session.command_charger
+    purpose = purpose_for_safe(charger, version)
     try:
         payload = build_payload(charger, version, limit, session.transaction_id)
     except ValueError as error:
-        session.on_command_result(limit, False, str(error))
-        return False
+        # ExternalConstraints to a charger that negotiated 1.6: refused before it is sent.
+        return _refused(session, limit, str(error), purpose)
     try:
         # The payload is ours and known valid, so it is not validated against the
         # schema; that also spares the float-vs-multipleOf trap of the 1.6 schema.
         response = await point.call_prebuilt("SetChargingProfile", payload)
     except asyncio.TimeoutError:
-        session.on_command_result(limit, False, f"no answer to SetChargingProfile within {point.response_timeout_s:g} s")
-        return False
+        # No answer says nothing about the profile: no fallback, just a failure.
+        why = f"no answer to SetChargingProfile within {point.response_timeout_s:g} s"
+        session.on_command_result(limit, False, why, purpose=purpose)
+        return FAILED
     except OCPPError as error:
-        session.on_command_result(limit, False, f"SetChargingProfile CALLERROR {type(error).__name__}: {error.description}")
-        return False
+        # A charger that does not know a purpose or unit may answer with a schema error.
+        return _refused(session, limit, f"SetChargingProfile CALLERROR {type(error).__name__}: {error.description}",
+                        purpose)
     status = response.get("status") if isinstance(response, dict) else None
-    accepted = status == "Accepted"
-    session.on_command_result(limit, accepted, f"SetChargingProfile {status}")
-    if accepted:
-        # Debug, not info: one line per charger per setpoint is 250 lines/s with
-        # 500 chargers at 2 s.  Failures are events and warnings.
-        log.debug("%s: limit %g %s (%s) accepted", charger.charge_point_id, limit.value, limit.unit,
-                  purpose_for(charger, version))
-    return accepted
+    if status != "Accepted":
+        return _refused(session, limit, f"SetChargingProfile {status}", purpose)
+    session.on_command_result(limit, True, "", purpose=purpose)
+    # Debug, not info: one line per charger per setpoint is 250 lines/s with
+    # 500 chargers at 2 s.  Failures are events and warnings.
+    log.debug("%s: limit %g %s (%s) accepted", charger.charge_point_id, limit.value, limit.unit, purpose)
+    return ACCEPTED
 
 
 async def command_loop(point, session: ChargerSession, version: str) -> None:
@@ -127,39 +174,53 @@ async def command_loop(point, session: ChargerSession, version: str) -> None:
     central system's pacer hands out a few per loop iteration, so a setpoint that moves 500
     chargers does not become one 100 ms iteration; a turn that finds the iteration's slice full
     goes back to the front of the queue.  Retries wait for a timer, then for a turn too."""
-    charger = session.charger
     pacer = session.pacer
     loop = asyncio.get_running_loop()
     failures = 0
     retry: asyncio.TimerHandle | None = None
     triggered = False
+
+    def retry_due() -> None:
+        nonlocal retry
+        retry = None
+        session.request_command()
+
     try:
+        # Nothing before the charger's boot is answered (or its grace period is over).  Turns
+        # asked for meanwhile (connection, targets) are kept in command_wakeup: the newest
+        # target goes out once the gate opens.
+        await point.ready.wait()
         while True:
             await session.command_wakeup.wait()
             session.command_wakeup.clear()
             if pacer is not None and not pacer.admit():
                 pacer.submit(session, session.command_wakeup.set, front=True)
                 continue
+            charger = session.command_charger  # changes once, on a fallback
             if not triggered:
                 triggered = True
                 await trigger_status(point, version, charger)
+                await request_ratings(point, version, charger)
             if not session.target_given:
                 continue
+            if retry is not None:
+                continue  # backing off: retry_due asks for the turn that sends the newest limit
             limit = limit_for_target(charger, session.target_kw)
             if not failures and not needs_sending(session.limit_in_force, limit, charger.deadband_kw):
                 continue
             if purpose_for_safe(charger, version) == "TxProfile" and session.transaction_id is None:
                 failures = 0
                 continue  # a TxProfile needs a transaction; sent when one starts
-            if retry is not None:
-                retry.cancel()
-                retry = None
-            if await send_limit(point, session, version, limit):
+            outcome = await send_limit(point, session, version, limit)
+            if outcome == ACCEPTED:
                 failures = 0
+                continue
+            if outcome == FALLBACK:
+                session.request_command(front=True)
                 continue
             failures += 1
             ceiling = min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** min(failures - 1, 10))
-            retry = loop.call_later(ceiling / 2 + random.random() * ceiling / 2, session.request_command)
+            retry = loop.call_later(ceiling / 2 + random.random() * ceiling / 2, retry_due)
     finally:
         if retry is not None:
             retry.cancel()

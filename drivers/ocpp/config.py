@@ -60,6 +60,10 @@ class OcppServer(Strict):
     ping_interval_s: Annotated[float, _ranged(1.0, 3600.0)] = Field(
         20.0, description="Websocket ping period; a link without pong for as long is closed."
     )
+    boot_grace_s: Annotated[float, _ranged(0.5, 60.0)] = Field(
+        5.0, description="Nothing is sent to a charger before its BootNotification is answered; one that "
+                         "sends none within this time of connecting is taken as already booted."
+    )
 
     @model_validator(mode="after")
     def _tls_files(self) -> "OcppServer":

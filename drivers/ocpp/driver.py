@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from edge.asset import AssetDriver, AssetReading, EventSink
+from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink
 
 from drivers.ocpp.central import OcppCentralSystem
 from drivers.ocpp.config import OcppCharger, OcppServer
@@ -87,6 +87,7 @@ class OcppChargerDriver(AssetDriver):
         self.session: ChargerSession | None = None
         self._target_kw: float | None = None
         self._target_given = False
+        self._ratings: dict[str, DeviceRating] = {}  # the last the charger stated; see device_ratings
 
     async def run(self) -> None:
         async with attached(self.server, self.asset, self.emit_event) as (session, server_task):
@@ -104,6 +105,15 @@ class OcppChargerDriver(AssetDriver):
         if self.session is None:
             return AssetReading(online=False, p_min_kw=0.0, p_max_kw=0.0, detail="central system not running")
         return self.session.reading()
+
+    def device_ratings(self) -> dict[str, DeviceRating]:
+        """2.0.1: the EVSE's maximum power (device model EVSE Power maxLimit) as ``max_power_kw``,
+        compared with the charger's rating from the profile.  1.6 chargers state none."""
+        session = self.session
+        if session is not None and session.device_max_power is not None \
+                and self._ratings.get("max_power_kw") != session.device_max_power:
+            self._ratings = {"max_power_kw": session.device_max_power}
+        return self._ratings
 
     def set_target_kw(self, target_kw: float | None) -> None:
         self._target_kw, self._target_given = target_kw, True

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 import ocpp.messages
 from ocpp.messages import Call, MessageType
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint as _ChargePoint16
 from ocpp.v16 import call_result as result16
 from ocpp.v201 import ChargePoint as _ChargePoint201
@@ -83,9 +84,50 @@ class PrebuiltCalls:
     for a turn of the central system's pacer (``drivers.ocpp.pacing``) before
     it is handled: 500 MeterValues arriving together are handled a few per
     loop iteration, not in one iteration of a quarter of a second.
+
+    The boot gate: some chargers misbehave on a request that arrives before
+    their BootNotification is answered, so every CALL to the charger
+    (``call`` and ``call_prebuilt``, whatever the request) first waits for
+    ``ready``.  It opens once our BootNotification answer *Accepted* has
+    been sent on this link, or ``arm_boot_grace(grace_s)`` after connecting
+    if the charger sent no BootNotification by then (it was booted already
+    and reconnected, e.g. after a gateway restart).  An answer other than
+    Accepted (the gateway gives none today) would close it again: under
+    Pending or Rejected the charger is not to be spoken to.
     """
 
     pacer: LoopPacer | None = None
+
+    def _init_boot_gate(self) -> None:
+        self.ready = asyncio.Event()
+        self.boot_status: str | None = None  # our answer to the last BootNotification on this link
+        self._grace: asyncio.TimerHandle | None = None
+
+    def arm_boot_grace(self, grace_s: float) -> None:
+        self._grace = asyncio.get_running_loop().call_later(grace_s, self._grace_over, grace_s)
+
+    def disarm_boot_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _grace_over(self, grace_s: float) -> None:
+        self._grace = None
+        if self.boot_status is None and not self.ready.is_set():
+            log.info("%s: no BootNotification within %g s of connecting: taken as booted", self.id, grace_s)
+            self.ready.set()
+
+    def _boot_answered(self) -> None:
+        """Runs after the BootNotification answer went out (the library's ``after`` hook)."""
+        self.disarm_boot_grace()
+        if self.boot_status == "Accepted":
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    async def call(self, payload, *args, **kwargs):
+        await self.ready.wait()
+        return await super().call(payload, *args, **kwargs)
 
     @property
     def response_timeout_s(self) -> float:
@@ -101,6 +143,7 @@ class PrebuiltCalls:
             await self.route_message(message)
 
     async def call_prebuilt(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        await self.ready.wait()
         call = Call(unique_id=str(self._unique_id_generator()), action=action, payload=payload)
         async with self._call_lock:
             await self._send(call.to_json())
@@ -123,6 +166,7 @@ class CentralPoint16(PrebuiltCalls, _ChargePoint16):
         self.session = session
         self.authorize_tag = authorize
         self.heartbeat_s = heartbeat_s
+        self._init_boot_gate()
 
     def _ours(self, connector_id: int) -> bool:
         wanted = self.session.charger.connector_id
@@ -138,7 +182,12 @@ class CentralPoint16(PrebuiltCalls, _ChargePoint16):
     def on_boot(self, charge_point_vendor: str, charge_point_model: str, **extra):
         self.session.on_boot({"vendor": charge_point_vendor, "model": charge_point_model,
                               "firmware": extra.get("firmware_version")})
-        return result16.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status="Accepted")
+        self.boot_status = "Accepted"
+        return result16.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status=self.boot_status)
+
+    @after("BootNotification")
+    def after_boot(self, **_):
+        self._boot_answered()
 
     @on("Heartbeat")
     def on_heartbeat(self):
@@ -192,6 +241,7 @@ class CentralPoint201(PrebuiltCalls, _ChargePoint201):
         self.session = session
         self.authorize_tag = authorize
         self.heartbeat_s = heartbeat_s
+        self._init_boot_gate()
 
     def _token_info(self, id_token: dict[str, Any] | None) -> dict[str, str]:
         tag = (id_token or {}).get("id_token", "")
@@ -204,7 +254,12 @@ class CentralPoint201(PrebuiltCalls, _ChargePoint201):
     def on_boot(self, charging_station: dict, reason: str, **extra):
         self.session.on_boot({"vendor": charging_station.get("vendor_name"), "model": charging_station.get("model"),
                               "firmware": charging_station.get("firmware_version"), "reason": reason})
-        return result201.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status="Accepted")
+        self.boot_status = "Accepted"
+        return result201.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status=self.boot_status)
+
+    @after("BootNotification")
+    def after_boot(self, **_):
+        self._boot_answered()
 
     @on("Heartbeat")
     def on_heartbeat(self, **extra):
@@ -252,3 +307,31 @@ class CentralPoint201(PrebuiltCalls, _ChargePoint201):
     def on_data_transfer(self, vendor_id: str, **extra):
         log.info("%s: DataTransfer from vendor %s, message %s", self.id, vendor_id, extra.get("message_id"))
         return result201.DataTransfer(status="UnknownVendorId")
+
+    @on("NotifyReport")
+    def on_notify_report(self, request_id: int, generated_at: str, seq_no: int, **extra):
+        # Asked for on every link (drivers.ocpp.commands.request_ratings); a report asked for
+        # by anyone else that carries the variable counts as well.
+        kw = evse_max_power_kw(extra.get("report_data") or [], self.session.charger.evse_id)
+        if kw is not None:
+            self.session.on_device_max_power(kw, f"OCPP EVSE {self.session.charger.evse_id} Power maxLimit")
+        return result201.NotifyReport()
+
+
+def evse_max_power_kw(report_data: list[dict[str, Any]], evse_id: int) -> float | None:
+    """The maxLimit of device-model variable EVSE Power for ``evse_id`` in a NotifyReport, in kW;
+    None when the report does not carry it or carries no usable figure (W unless it says kW)."""
+    for item in report_data:
+        component, variable = item.get("component") or {}, item.get("variable") or {}
+        if component.get("name") != "EVSE" or (component.get("evse") or {}).get("id") != evse_id \
+                or variable.get("name") != "Power" or variable.get("instance"):
+            continue
+        characteristics = item.get("variable_characteristics") or {}
+        limit, unit = characteristics.get("max_limit"), characteristics.get("unit") or "W"
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+            continue
+        if unit not in ("W", "kW"):
+            log.info("EVSE %d Power maxLimit %g in unit %r: not understood", evse_id, limit, unit)
+            continue
+        return float(limit) if unit == "kW" else float(limit) / 1000.0
+    return None

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
+import math
 import time
 from typing import Any, Callable
 
-from edge.asset import AssetReading, EventSink
+from edge.asset import AssetReading, DeviceRating, EventSink
 
 from drivers.ocpp.config import OcppCharger
 from drivers.ocpp.limits import ChargeLimit
@@ -28,6 +30,26 @@ from drivers.ocpp.pacing import LoopPacer
 # 1.6 ChargePointStatus and 2.0.1 ConnectorStatus values meaning a vehicle is plugged in.
 EV_PRESENT = {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing", "Occupied"}
 EV_ABSENT = {"Available", "Unavailable", "Faulted", "Reserved"}
+
+log = logging.getLogger("flexedge.drivers.ocpp")
+
+
+def fallback_settings(charger: OcppCharger) -> dict[str, str] | None:
+    """What a charger that refuses its configured profile gets instead, or None if nothing to fall back to.
+
+    Chargers exist that refuse ChargingStationExternalConstraints from a CSMS (2.0.1 allows
+    that) or any limit in W.  The fallback is the most widely accepted profile: TxDefaultProfile
+    (TxProfile for a charger with ``no_tx_default_profile``) in A.  Other purposes (the max
+    profiles, TxProfile) are kept and only W becomes A.
+    """
+    purpose = charger.effective_purpose()
+    settings: dict[str, str] = {}
+    if purpose == "ChargingStationExternalConstraints":
+        settings["profile_purpose"] = "TxProfile" if charger.no_tx_default_profile else "TxDefaultProfile"
+    if charger.limit_unit == "W" or settings:
+        settings["limit_unit"] = "A"
+        return settings
+    return None
 
 
 class TagHasher:
@@ -52,6 +74,9 @@ class ChargerSession:
         self.connected = False
         self.ocpp_version: str | None = None
         self.boot: dict[str, Any] = {}
+        # The EVSE's maximum power as the charger states it (2.0.1 device model, EVSE Power
+        # maxLimit); kept across links, like the charger itself.  None: not stated.
+        self.device_max_power: DeviceRating | None = None
         self.connector_status: str | None = None
         self.ev_present = False
         self.transaction_id: str | None = None
@@ -65,6 +90,16 @@ class ChargerSession:
         self.target_kw: float | None = None
         self.target_given = False
         self.limit_in_force: ChargeLimit | None = None
+        # The last limit was refused or unanswered, so the charger runs unlimited or not as
+        # commanded (AssetReading.command_refused); cleared by the next accepted profile.
+        self.command_refused = False
+        # The charger as commanded: its configuration, or once it refused the configured
+        # purpose or unit, the fallback (see fallback_settings).  Kept for the session's
+        # lifetime, across links: a charger that refused a purpose refuses it again after
+        # reconnecting, and each retry would leave it unlimited for a while.
+        self.command_charger: OcppCharger = charger
+        self.fallback: dict[str, Any] | None = None  # the charging_profile_fallback event's detail
+        self.configured_profile_accepted = False  # once accepted, a refusal is no reason to fall back
         # Set when it is this charger's turn to (re)consider its command; the central system's
         # pacer hands turns out a few per loop iteration (drivers.ocpp.pacing).  Without a
         # pacer (a session on its own), a request sets it at once.
@@ -91,6 +126,9 @@ class ChargerSession:
 
     def on_boot(self, info: dict[str, Any]) -> None:
         self.boot = info
+        # A charger that (re)boots may have dropped its profiles: send the limit again.
+        self.limit_in_force = None
+        self.request_command()
 
     # ---------------------------------------------------------- state
 
@@ -168,18 +206,46 @@ class ChargerSession:
         elif self.connected:  # without a link there is no command task; on_connected asks again
             self.pacer.submit(self, self.command_wakeup.set, front=front)
 
-    def on_command_result(self, limit: ChargeLimit, accepted: bool, why: str) -> None:
+    def on_command_result(self, limit: ChargeLimit, accepted: bool, why: str, *, refused: bool = False,
+                          purpose: str | None = None) -> bool:
+        """Record the outcome of a SetChargingProfile.  ``refused``: the charger answered no
+        (Rejected, a CALLERROR) or the profile cannot exist in its version, as opposed to no
+        answer.  Returns True when the refusal switched the charger to its fallback profile,
+        which is then to be sent at once."""
         if accepted:
             self.limit_in_force = limit
+            self.command_refused = False
+            if self.fallback is None:
+                self.configured_profile_accepted = True
             if self.degraded:
                 self.degraded = False
                 self.last_failure = ""
-            return
+            return False
+        if refused and self._fall_back(limit, purpose, why):
+            return True
         self.last_failure = why
-        self.emit("command_failed", {"limit": limit.value, "unit": limit.unit, "reason": why})
+        self.command_refused = True
+        self.emit("command_failed", {"limit": limit.value, "unit": limit.unit, "purpose": purpose, "reason": why})
         if not self.degraded:
             self.degraded = True
             self.emit("asset_degraded", {"reason": why})
+
+    def _fall_back(self, limit: ChargeLimit, purpose: str | None, why: str) -> bool:
+        """Switch to the fallback profile once, if the configured one may be what the charger refuses."""
+        if self.fallback is not None or self.configured_profile_accepted:
+            return False
+        settings = fallback_settings(self.charger)
+        if settings is None:
+            return False
+        self.command_charger = self.charger.model_copy(update=settings)
+        from_purpose = purpose or self.charger.effective_purpose()
+        self.fallback = {"from_purpose": from_purpose, "from_unit": limit.unit,
+                         "to_purpose": settings.get("profile_purpose", from_purpose),
+                         "to_unit": settings["limit_unit"], "reason": why}
+        log.warning("%s: %s in %s refused (%s): falling back to %s in %s", self.charger.charge_point_id,
+                    from_purpose, limit.unit, why, self.fallback["to_purpose"], self.fallback["to_unit"])
+        self.emit("charging_profile_fallback", dict(self.fallback))
+        return True
 
     # -------------------------------------------------------- reading
 
@@ -192,14 +258,29 @@ class ChargerSession:
             return -self.sample.current_a * c.voltage_v * c.phases / 1000.0
         return None
 
+    def on_device_max_power(self, kw: float, source: str) -> None:
+        """The charger stated its EVSE's maximum power (kW): a finite number > 0, else ignored."""
+        if isinstance(kw, (int, float)) and math.isfinite(kw) and kw > 0:
+            self.device_max_power = DeviceRating(float(kw), source)
+
+    def rated_kw(self) -> float:
+        """The charging power the charger can be given: the profile's rating, or the charger's
+        own maximum if it states a lower one (the lower figure wins, docs/dispatch.md)."""
+        rated_kw = self.charger.rated_kw
+        device = self.device_max_power
+        return rated_kw if device is None else min(rated_kw, device.power_kw)
+
     def reading(self) -> AssetReading:
         c = self.charger
         can_charge = self.connected and (self.ev_present or self.transaction_id is not None)
-        p_min = -c.rated_kw if can_charge else 0.0
-        detail = (f"discrete range {{0}} + [{-c.rated_kw:.2f}, {-c.min_kw:.2f}] kW"
+        rated_kw = self.rated_kw()
+        p_min = -rated_kw if can_charge else 0.0
+        detail = (f"discrete range {{0}} + [{-rated_kw:.2f}, {-c.min_kw:.2f}] kW"
                   if can_charge else ("no EV" if self.connected else "charger not connected"))
         if self.last_failure:
             detail += f"; last command failed: {self.last_failure}"
+        if self.fallback is not None:
+            detail += f"; profiles sent as {self.fallback['to_purpose']} in {self.fallback['to_unit']} (fallback)"
         return AssetReading(
             online=self.connected,
             p_kw=self.power_kw() if self.connected else None,
@@ -208,6 +289,7 @@ class ChargerSession:
             p_max_kw=0.0,
             p_gap_kw=(-c.min_kw, 0.0) if can_charge else None,
             degraded=self.degraded,
+            command_refused=self.connected and self.command_refused,
             detail=detail,
             read_at=self.sample_at or time.time(),
         )

@@ -31,7 +31,16 @@ API
     certificate (profile 3).  ``stations`` (list), ``station(cp_id)``.
 ``StationSpec(charge_point_id, ocpp_version="1.6", password=None, max_current_a=32,
 phases=3, voltage_v=230, meter_interval_s=1.0, tick_s=0.1, accept_profiles=True,
-connector_id=1, evse_id=1, reconnect_cap_s=2.0)``; invalid values raise ValueError.
+connector_id=1, evse_id=1, reconnect_cap_s=2.0, nameplate_kw=None)``; invalid values raise
+ValueError.  ``nameplate_kw`` caps the station's charging power and is what a 2.0.1 station
+reports as its EVSE Power maxLimit (a NotifyReport in answer to GetReport); default
+max_current_a x voltage_v x phases.
+Strict chargers: ``send_boot=False`` makes a station that is booted already (it sends no
+BootNotification, as after a gateway restart); ``before_boot`` is what a station does with
+a CALL that arrives before its BootNotification is accepted, which it always records:
+``"answer"`` (default, handle it anyway), ``"call_error"`` (CALLERROR SecurityError) or
+``"close"`` (close the link).  ``reject_purposes`` / ``reject_units`` (tuples, e.g.
+``("ChargingStationExternalConstraints",)``, ``("W",)``) refuse such profiles.
 ``EvSpec(id_tag="SIMTAG01", capacity_kwh=40, soc_pct=30, max_power_kw=11, target_soc_pct=100)``.
 ``Station``: ``plug_in(ev) -> bool`` (Authorize, then StartTransaction (1.6) or
 TransactionEvent Started (2.0.1); False when the tag is refused), ``unplug()``,
@@ -39,8 +48,10 @@ TransactionEvent Started (2.0.1); False when the tag is refused), ``unplug()``,
 ``next_profile(timeout_s, after=None) -> ProfileRecord``, ``wait_connected(timeout_s)``,
 attributes ``accept_profiles`` (False: answer Rejected), ``profiles``, ``limits``,
 ``limit_w()``, ``power_w``, ``energy_wh``, ``status``, ``transaction_id``,
-``connected`` (asyncio.Event), ``connections`` (count), ``connect_errors``
-(e.g. "HTTP 401").
+``connected`` (asyncio.Event), ``connections`` (count), ``connected_mono`` (monotonic
+time of the last connection), ``connect_errors`` (e.g. "HTTP 401"), ``requests`` (every
+CALL received, a ``RequestRecord``: ``action``, ``received_mono``, ``before_boot``) and
+``early_requests`` (those received before the boot was accepted).
 ``ProfileRecord``: ``received_at``, ``received_mono``, ``purpose``, ``limit``, ``unit``,
 ``number_phases``, ``stack_level``, ``target_id`` (1.6 connector / 2.0.1 EVSE),
 ``transaction_id``, ``accepted``, ``raw``.
@@ -56,9 +67,10 @@ import logging
 import ssl
 from pathlib import Path
 
-from simulators.ocpp.station import EvSpec, ProfileRecord, Station, StationSpec
+from simulators.ocpp.station import EvSpec, ProfileRecord, RequestRecord, Station, StationSpec
 
-__all__ = ["EvSpec", "OcppSimulator", "ProfileRecord", "Station", "StationSpec", "client_ssl_context"]
+__all__ = ["EvSpec", "OcppSimulator", "ProfileRecord", "RequestRecord", "Station", "StationSpec",
+           "client_ssl_context"]
 
 log = logging.getLogger("simulators.ocpp")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import random
 import ssl
@@ -85,13 +86,33 @@ class StationSpec:
     connector_id: int = 1  # 1.6 connector / 2.0.1 connector on EVSE ``evse_id``
     evse_id: int = 1
     reconnect_cap_s: float = 2.0
+    # False: the station is booted already (as one that reconnects after a gateway restart)
+    # and sends no BootNotification.
+    send_boot: bool = True
+    # A CALL from the central system before the station's boot is accepted is always recorded
+    # (Station.early_requests); then "answer" handles it anyway, "call_error" answers CALLERROR
+    # SecurityError (as OCPP 2.0.1 asks of a station not yet accepted), "close" closes the link.
+    before_boot: str = "answer"
+    # Profiles refused although accept_profiles is True: by purpose, and by charging rate unit.
+    reject_purposes: tuple[str, ...] = ()
+    reject_units: tuple[str, ...] = ()
+    # The EVSE's maximum power stated in the 2.0.1 device model (EVSE Power maxLimit, sent in a
+    # NotifyReport on GetReport); the station never charges above it.  None: max_current_a x
+    # voltage_v x phases.  Lets a test give a station a rating other than the profile's.
+    nameplate_kw: float | None = None
 
     def __post_init__(self):
         if self.ocpp_version not in ("1.6", "2.0.1"):
             raise ValueError(f"ocpp_version must be '1.6' or '2.0.1', got {self.ocpp_version!r}")
+        if self.before_boot not in ("answer", "call_error", "close"):
+            raise ValueError(f"before_boot must be 'answer', 'call_error' or 'close', got {self.before_boot!r}")
+        self.reject_purposes = tuple(self.reject_purposes)
+        self.reject_units = tuple(self.reject_units)
         if self.phases not in (1, 3):
             raise ValueError(f"phases must be 1 or 3, got {self.phases!r}")
         _check("max_current_a", self.max_current_a, 0.0, 1000.0)
+        if self.nameplate_kw is not None:
+            _check("nameplate_kw", self.nameplate_kw, 0.1, 1000.0)
         _check("voltage_v", self.voltage_v, 100.0, 480.0)
         _check("meter_interval_s", self.meter_interval_s, 0.05, 3600.0)
         _check("tick_s", self.tick_s, 0.01, 10.0)
@@ -115,6 +136,15 @@ class ProfileRecord:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RequestRecord:
+    """A CALL from the central system as received."""
+
+    action: str
+    received_mono: float  # time.monotonic()
+    before_boot: bool  # the station's BootNotification was not accepted yet
+
+
 class Station:
     def __init__(self, spec: StationSpec, url: str, ssl_context: ssl.SSLContext | None = None):
         self.spec = spec
@@ -128,6 +158,8 @@ class Station:
         self.power_w = 0.0
         self.status = "Available"
         self.profiles: list[ProfileRecord] = []
+        self.requests: list[RequestRecord] = []
+        self.connected_mono: float | None = None  # time.monotonic() of the last connection
         self.limits: dict[str, tuple[float, str, int | None, str | None]] = {}  # purpose -> limit
         self.connected = asyncio.Event()
         self.connections = 0
@@ -135,7 +167,8 @@ class Station:
         self._point: Any = None
         self._websocket = None
         self._receiver: asyncio.Task | None = None
-        self._booted = False
+        self._booted = not spec.send_boot
+        self._boot_call_id: str | None = None
         self._seq_no = 0
         self._profile_arrived = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -144,7 +177,9 @@ class Station:
 
     @property
     def max_power_w(self) -> float:
-        return self.spec.max_current_a * self.spec.voltage_v * self.spec.phases
+        by_current_w = self.spec.max_current_a * self.spec.voltage_v * self.spec.phases
+        nameplate_kw = self.spec.nameplate_kw
+        return by_current_w if nameplate_kw is None else min(by_current_w, nameplate_kw * 1000.0)
 
     def limit_w(self) -> float:
         """The charging power allowed by the profiles installed now."""
@@ -173,6 +208,11 @@ class Station:
                 await self._profile_arrived.wait()
             return self.profiles[start]
         return await asyncio.wait_for(wait(), timeout_s)
+
+    @property
+    def early_requests(self) -> list[RequestRecord]:
+        """CALLs received before the station's boot was accepted (a strict charger's complaint)."""
+        return [r for r in self.requests if r.before_boot]
 
     async def wait_connected(self, timeout_s: float = 3.0) -> None:
         await asyncio.wait_for(self.connected.wait(), timeout_s)
@@ -223,11 +263,11 @@ class Station:
 
     # -------------------------------------------------------- messages
 
-    async def _call(self, request, timeout_s: float = CALL_TIMEOUT_S):
+    async def _call(self, request, timeout_s: float = CALL_TIMEOUT_S, unique_id: str | None = None):
         point, receiver = self._point, self._receiver
         if point is None or receiver is None or not self.connected.is_set():
             return None
-        call = asyncio.ensure_future(point.call(request, suppress=False))
+        call = asyncio.ensure_future(point.call(request, suppress=False, unique_id=unique_id))
         call.add_done_callback(lambda task: task.cancelled() or task.exception())  # consumed even if abandoned
         # A dead link ends the receiver: give up on the answer at once rather than at the timeout.
         done, _ = await asyncio.wait({call, receiver}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -306,7 +346,9 @@ class Station:
             limit=float(period["limit"]), unit=schedule["charging_rate_unit"],
             number_phases=period.get("number_phases"), stack_level=int(profile["stack_level"]),
             target_id=target_id, transaction_id=str(transaction_id) if transaction_id is not None else None,
-            accepted=self.accept_profiles, raw=profile)
+            accepted=(self.accept_profiles and purpose not in self.spec.reject_purposes
+                      and schedule["charging_rate_unit"] not in self.spec.reject_units),
+            raw=profile)
         self.profiles.append(record)
         self._profile_arrived.set()
         log.info("%s: profile %s %g %s -> %s", self.spec.charge_point_id, purpose, record.limit, record.unit,
@@ -386,6 +428,7 @@ class Station:
         receiver = asyncio.create_task(point.start())
         self._point, self._websocket, self._receiver = point, websocket, receiver
         self.connected.set()
+        self.connected_mono = time.monotonic()
         self.connections += 1
         greeting = asyncio.create_task(self._greet())
         try:
@@ -398,16 +441,57 @@ class Station:
 
     async def _greet(self) -> None:
         if not self._booted:
+            # The answer is recognised by its id in the receive loop (_StrictCalls).
+            self._boot_call_id = str(uuid.uuid4())
             if self.spec.ocpp_version == "1.6":
-                reply = await self._call(call16.BootNotification(charge_point_model="SimAC", charge_point_vendor="flexedge"))
+                reply = await self._call(
+                    call16.BootNotification(charge_point_model="SimAC", charge_point_vendor="flexedge"),
+                    unique_id=self._boot_call_id)
             else:
                 reply = await self._call(call201.BootNotification(
-                    charging_station={"model": "SimAC", "vendor_name": "flexedge"}, reason="PowerUp"))
+                    charging_station={"model": "SimAC", "vendor_name": "flexedge"}, reason="PowerUp"),
+                    unique_id=self._boot_call_id)
             self._booted = reply is not None and reply.status == "Accepted"
         await self._send_status()
 
 
-class _Point16(ChargePoint16):
+class _StrictCalls:
+    """Records every CALL from the central system; before the boot is accepted, applies ``before_boot``.
+
+    The boot counts as accepted when its answer is read, in the receive loop: a request
+    the central system sends right behind the answer must count as after the boot, even
+    if the task awaiting the answer has not run yet.
+    """
+
+    station: "Station"
+
+    async def route_message(self, raw_msg):
+        station = self.station
+        try:
+            message = json.loads(raw_msg)
+        except ValueError:
+            message = None
+        if isinstance(message, list) and len(message) >= 3:
+            if (message[0] == 3 and message[1] == station._boot_call_id and isinstance(message[2], dict)
+                    and message[2].get("status") == "Accepted"):
+                station._booted = True
+            elif message[0] == 2 and len(message) >= 4:
+                early = not station._booted
+                station.requests.append(RequestRecord(str(message[2]), time.monotonic(), early))
+                if early:
+                    log.warning("%s: %s received before the boot was accepted",
+                                station.spec.charge_point_id, message[2])
+                if early and station.spec.before_boot == "call_error":
+                    await self._send(json.dumps([4, message[1], "SecurityError",
+                                                 "BootNotification not accepted yet", {}]))
+                    return
+                if early and station.spec.before_boot == "close":
+                    await self._connection.close(1008, "request before BootNotification accepted")
+                    return
+        await super().route_message(raw_msg)
+
+
+class _Point16(_StrictCalls, ChargePoint16):
     def __init__(self, cp_id, connection, station: Station):
         super().__init__(cp_id, connection, response_timeout=CALL_TIMEOUT_S, logger=log)
         self.station = station
@@ -426,7 +510,7 @@ class _Point16(ChargePoint16):
         return result16.TriggerMessage(status="NotImplemented")
 
 
-class _Point201(ChargePoint201):
+class _Point201(_StrictCalls, ChargePoint201):
     def __init__(self, cp_id, connection, station: Station):
         super().__init__(cp_id, connection, response_timeout=CALL_TIMEOUT_S, logger=log)
         self.station = station
@@ -443,3 +527,26 @@ class _Point201(ChargePoint201):
             self.station._spawn(self.station._send_status())
             return result201.TriggerMessage(status="Accepted")
         return result201.TriggerMessage(status="NotImplemented")
+
+    @on("GetReport")
+    def on_get_report(self, request_id: int, **extra):
+        """Only the EVSE Power variable is modelled: a report that asks for it gets it, in a NotifyReport."""
+        evse_id = self.station.spec.evse_id
+        wanted = extra.get("component_variable")
+        if wanted is not None and not any(
+                (item.get("component") or {}).get("name") == "EVSE"
+                and (item.get("component", {}).get("evse") or {}).get("id", evse_id) == evse_id
+                and (item.get("variable") or {}).get("name", "Power") == "Power" for item in wanted):
+            return result201.GetReport(status="EmptyResultSet")
+        self.station._spawn(self._notify_power(request_id))
+        return result201.GetReport(status="Accepted")
+
+    async def _notify_power(self, request_id: int) -> None:
+        station = self.station
+        await station._call(call201.NotifyReport(request_id=request_id, generated_at=_now_iso(), seq_no=0, report_data=[{
+            "component": {"name": "EVSE", "evse": {"id": station.spec.evse_id}},
+            "variable": {"name": "Power"},
+            "variable_attribute": [{"type": "Actual", "value": str(round(station.power_w, 1)), "mutability": "ReadOnly"}],
+            "variable_characteristics": {"unit": "W", "data_type": "decimal", "max_limit": station.max_power_w,
+                                         "supports_monitoring": False},
+        }]))
