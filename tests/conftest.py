@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,20 @@ def wait_port(port: int, timeout_s: float = 5.0, host: str = "127.0.0.1") -> Non
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+class DriverTask:
+    """``async with``: a driver's ``run()`` as a task, cancelled on leaving.  Subclasses set ``self.driver``."""
+
+    driver = None
+
+    async def __aenter__(self):
+        self.task = asyncio.create_task(self.driver.run())
+        return self
+
+    async def __aexit__(self, *exc):
+        self.task.cancel()
+        await asyncio.wait_for(asyncio.gather(self.task, return_exceptions=True), 5)
 
 
 class Mosquitto:

@@ -46,6 +46,12 @@ Public API
         whether it can and whether it does.  Emits ``volt_var_written``, or
         ``command_failed`` with ``volt_var`` and ``reason``.
 
+    ``driver.device_ratings() -> dict[str, edge.asset.DeviceRating]``
+        What the device states, as last polled: ``rated_kw`` (the lower of
+        702 ``WMaxRtg``/120 ``WRtg`` and 702/121 ``WMax``) and, for a battery,
+        ``max_charge_kw`` / ``max_discharge_kw``.  The reading's band uses the
+        lower of each and the profile's; the daemon reports a disagreement.
+
     Attributes for diagnostics: ``model_map`` (``ModelMap`` or None),
     ``control_path`` (``"704-set"``, ``"704-limit"``, ``"124-rate"``,
     ``"123-limit"`` or None), ``identity`` (manufacturer/model/version/serial
