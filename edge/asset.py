@@ -49,6 +49,12 @@ class AssetReading:
     voltage_v: float | None = None  # line-to-neutral average at the device
     frequency_hz: float | None = None
     degraded: bool = False  # online, but the last command failed or a value was implausible
+    # The last active-power target was refused by the device (negative confirmation,
+    # exception answer, rejected charging profile) or not confirmed within its timeout,
+    # and no active-power command has succeeded since.  The controller then counts the
+    # asset as delivering only what it measures, shares the rest among the others and
+    # reports what none can take as an incapacity (cause command_refused, docs/dispatch.md).
+    command_refused: bool = False
     detail: str = ""  # short human-readable note for logs and events
     read_at: float = field(default_factory=time.time)  # wall time of the measurement, s since epoch
 
@@ -104,6 +110,33 @@ class AssetDriver(abc.ABC):
         Non-blocking and idempotent; only called where ``volt_var_available``.  A
         driver without such a function keeps this default, which ignores it.
         """
+
+    def device_ratings(self) -> "dict[str, DeviceRating]":
+        """The ratings the device states about itself, keyed by the profile key each one
+        corresponds to (``rated_kw``, ``max_charge_kw``, ``max_discharge_kw``, ``max_power_kw`` ...).
+
+        Never blocks: what the driver last read (empty until the device has told).  The
+        daemon compares them with the profile every cycle and reports a disagreement once
+        (``rating_mismatch``, edge/ratings.py); the lower figure is the one the driver uses
+        (docs/dispatch.md, "Ratings").  A driver that reads none keeps this default.
+        """
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRating:
+    """A power rating the device states about itself: a magnitude in kW, and where it was read."""
+
+    power_kw: float
+    source: str  # e.g. "SunSpec 120 WRtg", "IEC 104 p_charge_available (IOA 2003)"
+    # The figure is what the device can do now (an available power), so it can do at least
+    # that: only a figure above the profile's disagrees with it, a lower one is a derating.
+    at_least: bool = False
+
+    def __post_init__(self) -> None:
+        value = self.power_kw
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"a device rating must be a finite number of kW >= 0, got {self.power_kw!r} ({self.source})")
 
 
 @dataclass(frozen=True, slots=True)

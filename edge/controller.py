@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edge.allocation import Allocation, AssetBand, allocate
@@ -25,6 +25,7 @@ from edge.qu import QuDroop
 from edge.ev_sessions import EvSessions
 from edge.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator
 from edge.asset import AssetDriver, AssetReading, EventSink, VoltVarCurve
+from edge.backoff import Backoff
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
 from edge.health import CycleStats
 from edge.profile import Profile
@@ -35,6 +36,7 @@ log = logging.getLogger("flexedge.control")
 TARGET_DEADBAND_KW = 0.001  # a change smaller than this is not re-sent to a device
 RELEASE_SETTLE_CYCLES = 5  # a released device is taken to be back at its own power after this long
 RELEASE_SETTLE_MIN_S = 10.0
+REFUSED_RETRY_CAP_S = 30.0  # a device that keeps refusing is asked again at most this far apart
 
 # Publishes a message on a spooled stream ("telemetry", "events") without blocking.
 Publish = Callable[[str, dict[str, Any]], None]
@@ -61,6 +63,10 @@ class ControlledAsset:
     commanded_kw: float | None = None  # the last target sent; None = released
     commanded_kvar: float | None = None  # the last reactive-power target sent; None = released
     was_online: bool | None = None
+    # A device that refused its target is asked again to hold its power, paced by this backoff,
+    # so that it is trusted again as soon as it accepts a command (docs/dispatch.md).
+    refused_retry: Backoff = field(default_factory=lambda: Backoff(first_s=1.0, cap_s=REFUSED_RETRY_CAP_S))
+    refused_retry_at_mono: float = 0.0
 
 
 @dataclass
@@ -88,6 +94,16 @@ class Incapacity:
     shortfall_kw: float  # activation asked for but not deliverable (kW, >= 0)
     band_shortfall_up_kw: float  # committed upward band not available
     band_shortfall_down_kw: float
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedBand:
+    """The assets counted at their measured power because they refused their target, and the band
+    (kW, from their baselines) they would otherwise offer."""
+
+    asset_ids: tuple[str, ...] = ()
+    up_kw: float = 0.0
+    down_kw: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +137,9 @@ class Controller:
         self.grid_orders: GridOrders = NO_ORDERS
         self.last_telemetry: dict[str, Any] | None = None
         self.validator = SetpointValidator(profile.control)
+        self.intake_failures = 0  # inbound messages refused because validation itself failed (a bug)
+        self._refused = RefusedBand()
+        self._step_soon: asyncio.Handle | None = None
         self._meter = next((a for a in assets if a.connection_point), None)
         functions = profile.functions
         self.fcr = FcrDroop(functions.fcr) if functions and functions.fcr else None
@@ -144,7 +163,12 @@ class Controller:
         now = time.time()
         band_up, band_down = self._band_now(now)
         try:
-            setpoint = self.validator.validate(raw, now, band_up, band_down, self.state.setpoint)
+            try:
+                setpoint = self.validator.validate(raw, now, band_up, band_down, self.state.setpoint)
+            except SetpointRejected:
+                raise
+            except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message, never applies it
+                raise SetpointRejected(None, self._intake_bug("setpoint", error)) from None
         except SetpointRejected as rejection:
             log.warning("setpoint %s rejected: %s", rejection.setpoint_id or "(no id)", rejection.reason)
             self.publish_live(
@@ -170,7 +194,12 @@ class Controller:
         """Validate a schedule from the uplink, ack it, and put it in the book (docs/schedules.md)."""
         now = time.time()
         try:
-            schedule = self.schedule_validator.validate(raw, now, self.schedules)
+            try:
+                schedule = self.schedule_validator.validate(raw, now, self.schedules)
+            except ScheduleRejected:
+                raise
+            except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message, never applies it
+                raise ScheduleRejected(None, self._intake_bug("schedule", error)) from None
         except ScheduleRejected as rejection:
             log.warning("schedule %s rejected: %s", rejection.schedule_id or "(no id)", rejection.reason)
             self.publish_live("schedule/ack", {"id": rejection.schedule_id, "status": "rejected",
@@ -197,7 +226,10 @@ class Controller:
             asset_id, reason = None, "smart charging is off on this site (no ev_charging in the profile)"
         else:
             readings = {a.id: a.driver.reading() for a in self.assets}
-            asset_id, reason = self.ev.on_preferences(raw, now, readings)
+            try:
+                asset_id, reason = self.ev.on_preferences(raw, now, readings)
+            except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message, never applies it
+                asset_id, reason = None, self._intake_bug("ev/preferences", error)
         self.publish_live("ev/preferences/ack", {"asset_id": asset_id, "status": "rejected" if reason else "accepted",
                                                  "reason": reason, "ts": iso_time(now)})
         if reason:
@@ -205,6 +237,24 @@ class Controller:
             self.emit_event("ev_preferences_rejected", asset_id, {"reason": reason})
             return
         self.step(now)
+
+    def step_soon(self) -> None:
+        """Decide again on the next turn of the loop, not at the next tick: a device refused its
+        target, and its share must go to the others (or be reported) within the same cycle."""
+        if self._step_soon is None:
+            self._step_soon = asyncio.get_running_loop().call_soon(self._step_now)
+
+    def _step_now(self) -> None:
+        self._step_soon = None
+        self.step(time.time())
+
+    def _intake_bug(self, topic: str, error: Exception) -> str:
+        """An unexpected failure while validating an inbound message: counted, logged, and the reason for its ack."""
+        self.intake_failures += 1
+        if self.intake_failures in (1, 10) or self.intake_failures % 1000 == 0:
+            log.error("validating a message on %s failed (%d so far); it is rejected", topic, self.intake_failures,
+                      exc_info=error)
+        return f"internal error while validating ({type(error).__name__}); the message was not applied"
 
     # -------------------------------------------------------- grid orders
 
@@ -293,7 +343,7 @@ class Controller:
                     asset.released_until_mono = mono + settle_s
                 asset.frozen_baseline_kw = None
 
-        self._write(allocation, release=not now_active)
+        self._write(allocation, release=not now_active, readings=readings)
         self._curve_assets = self._inverter_curves(readings)
         state.reactive = self._share_reactive(readings, allocation)
         self._write_reactive(state.reactive)
@@ -411,6 +461,8 @@ class Controller:
         bands: list[AssetBand] = []
         measured_in_bands = 0.0
         uncontrolled = 0.0
+        refused: list[str] = []
+        refused_up_kw = refused_down_kw = 0.0
         for asset in self.assets:
             reading = readings[asset.id]
             if asset.kind == "meter":
@@ -428,6 +480,14 @@ class Controller:
             if asset.id in self._planned_kw:  # the VPP's prosumption plan, or the EV's charging plan
                 baseline = self._planned_kw[asset.id][0]
             p_min, p_max = self._range(asset, reading, baseline)
+            if reading.command_refused:
+                # It refused its last target (or never confirmed it): count on what it does now, no more;
+                # the rest of its band goes to the others, and what none can take is an incapacity.
+                held_min, held_max = _held_range(reading, p_min, p_max)
+                refused_up_kw += max(0.0, p_max - max(held_max, baseline))
+                refused_down_kw += max(0.0, min(held_min, baseline) - p_min)
+                refused.append(asset.id)
+                p_min, p_max = held_min, held_max
             if self.grid_orders.disconnected:
                 # Decoupling ordered by the grid operator: nothing on site may produce.
                 p_max = 0.0
@@ -441,6 +501,7 @@ class Controller:
             meter_reading = readings[meter.id]
             if meter_reading.online and meter_reading.p_kw is not None:
                 uncontrolled = meter_reading.p_kw - measured_in_bands
+        self._refused = RefusedBand(tuple(refused), refused_up_kw, refused_down_kw)
         return bands, uncontrolled
 
     @staticmethod
@@ -461,7 +522,8 @@ class Controller:
         bands, _ = self._bands(readings, freeze=self.state.active)
         return sum(b.up_kw for b in bands), sum(b.down_kw for b in bands)
 
-    def _write(self, allocation: Allocation, release: bool) -> None:
+    def _write(self, allocation: Allocation, release: bool, readings: dict[str, AssetReading]) -> None:
+        mono = time.monotonic()
         for asset in self.assets:
             if not asset.controllable or asset.kind == "meter":
                 continue
@@ -470,7 +532,15 @@ class Controller:
                 target = target if asset.id in self._planned_kw else None
             if target is None and asset.id not in allocation.targets_kw and not release:
                 continue  # offline: nothing to command
-            if _changed(asset.commanded_kw, target):
+            retry = False
+            if readings[asset.id].command_refused:
+                retry = target is not None and mono >= asset.refused_retry_at_mono
+                if retry:
+                    asset.refused_retry_at_mono = mono + asset.refused_retry.next_delay()
+            elif asset.refused_retry.attempt:
+                asset.refused_retry.reset()
+                asset.refused_retry_at_mono = 0.0
+            if _changed(asset.commanded_kw, target) or retry:
                 asset.commanded_kw = target
                 asset.driver.set_target_kw(target)
 
@@ -604,7 +674,13 @@ class Controller:
             cause = allocation.limited_by or "band"
             if cause == "export_limit" and self.grid_orders.active:
                 cause = "grid_order"
-            causes.append(cause)
+            refused = self._refused
+            lost_kw = refused.up_kw if requested_kw > deliverable else refused.down_kw
+            if cause == "band" and lost_kw > threshold:
+                # the band the refusing devices took with them explains all of it, or part
+                causes.extend(("command_refused",) if lost_kw >= shortfall - threshold else (cause, "command_refused"))
+            else:
+                causes.append(cause)
         else:
             shortfall = 0.0
         short_up = short_down = 0.0
@@ -617,6 +693,14 @@ class Controller:
         if not causes:
             return None
         return Incapacity(tuple(causes), shortfall, short_up, short_down)
+
+    def _limited_by(self, allocation: Allocation | None) -> str | None:
+        if allocation is None:
+            return None
+        incapacity = self.state.incapacity
+        if incapacity is not None and incapacity.causes[:1] == ("command_refused",):
+            return "command_refused"
+        return allocation.limited_by
 
     def _incapacity_events(self, incapacity: Incapacity | None) -> None:
         """``incapacity`` at once when a shortfall starts or its causes change, and when it ends."""
@@ -637,6 +721,7 @@ class Controller:
             "band_shortfall_up_kw": round(incapacity.band_shortfall_up_kw, 3),
             "band_shortfall_down_kw": round(incapacity.band_shortfall_down_kw, 3),
             "requested_kw": round(self.state.last_requested_kw, 3),
+            "refusing_assets": list(self._refused.asset_ids),
             "band_up_kw": round(allocation.band_up_kw, 3) if allocation else None,
             "band_down_kw": round(allocation.band_down_kw, 3) if allocation else None,
         })
@@ -694,7 +779,7 @@ class Controller:
             q_target = reactive.targets_kvar.get(asset.id) if reactive is not None and asset.commanded_kvar is not None else None
             band_up = band_down = 0.0
             if asset.id in targets and baseline is not None:
-                p_min, p_max = self._range(asset, reading, baseline)
+                p_min, p_max = _held_range(reading, *self._range(asset, reading, baseline))
                 band_up, band_down = max(0.0, p_max - baseline), max(0.0, baseline - p_min)
             assets_out[asset.id] = {
                 "kind": asset.kind,
@@ -754,7 +839,7 @@ class Controller:
                 "soc_pct": _round(sum(socs) / len(socs)) if socs else None,
                 "online": any(r.online for r in readings.values()),
                 "metered": meter_online,
-                "limited_by": allocation.limited_by if allocation else None,
+                "limited_by": self._limited_by(allocation),
                 "import_limit_kw": _round(self.state.limits_kw[0]),
                 "export_limit_kw": _round(self.state.limits_kw[1]),
                 "q_requested_kvar": _round(self.state.reactive.requested_kvar) if self.state.reactive else None,
@@ -791,6 +876,14 @@ class Controller:
 def _volt_var_curve(config) -> VoltVarCurve:
     """The profile's Q(U) curve for an inverter: v_pu as % of its nominal voltage, q_pct of its VarMax."""
     return VoltVarCurve(tuple((point.v_pu * 100.0, point.q_pct) for point in config.curve), config.response_time_s)
+
+
+def _held_range(reading: AssetReading, p_min: float, p_max: float) -> tuple[float, float]:
+    """The range to count on: a device that refused its target only at what it measures now."""
+    if not reading.command_refused or reading.p_kw is None:
+        return p_min, p_max
+    held = min(max(reading.p_kw, p_min), p_max)
+    return held, held
 
 
 def _changed(previous: float | None, target: float | None) -> bool:

@@ -22,8 +22,11 @@ from drivers import create_driver
 from edge import __version__
 from edge.aggregates import CONSUMPTION_INTERVAL_S, VALIDATION_INTERVAL_S, Aggregator
 from edge.controller import ControlledAsset, Controller
+from edge.gridorders import SOURCE_PERSISTED, GridOrders
 from edge.health import CycleStats
+from edge.order_store import OrderStore, OrderStoreError, StoredOrders, orders_path
 from edge.profile import Profile
+from edge.ratings import RatingsWatch
 from edge.sdnotify import SystemdNotifier
 from edge.setpoints import iso_time
 from edge.spool import Spool
@@ -70,13 +73,18 @@ class Gateway:
         self.uplink: Uplink | None = None
         self.controller: Controller | None = None
         self.deie = None  # edge.deie.DeieLink when the profile has grid.deie
+        self.order_store: OrderStore | None = None  # with grid.deie: the operator's orders survive a restart
         self.aggregator = Aggregator(profile.site.id, *aggregate_intervals_s)
         self.aggregator_failures = 0
+        # The profile's ratings against what each device states about itself (edge/ratings.py).
+        self.ratings = RatingsWatch(zip(profile.assets, (a.driver for a in self.assets)), self.emit_event)
 
     # ------------------------------------------------------------- events
 
     def emit_event(self, event_type: str, asset_id: str | None, detail: dict[str, Any]) -> None:
         log.info("event %s%s %s", event_type, f" [{asset_id}]" if asset_id else "", detail)
+        if event_type == "command_failed" and self.controller is not None:
+            self.controller.step_soon()  # its share goes to the others now, or is an incapacity now
         payload = {"ts": iso_time(time.time()), "site_id": self.profile.site.id, "type": event_type,
                    "asset_id": asset_id, "detail": detail}
         self._enqueue("events", payload)
@@ -103,6 +111,38 @@ class Gateway:
         if self.controller is not None:
             self.controller.on_ev_preferences(raw)
 
+    def _apply_grid_orders(self, orders: GridOrders) -> None:
+        """The controller enforces the DEIE's orders; the store keeps them for the next start."""
+        try:
+            self.controller.apply_grid_orders(orders)
+        finally:
+            if self.order_store is not None:
+                self.order_store.put(orders)
+
+    def _restore_grid_orders(self, stored: StoredOrders | None, error: OrderStoreError | None) -> None:
+        """Put the orders saved before the restart back in force, or report why they cannot be."""
+        path = str(self.order_store.path)
+        if error is not None:
+            log.error("%s; starting as if the DEIE link had been lost (on_link_loss: %s)",
+                      error, self.profile.grid.deie.on_link_loss)
+            self.emit_event("grid_order_restore_failed", None, {"path": path, "error": str(error)})
+            self.deie.assume_link_lost()
+            return
+        if stored is None or not stored.in_force:
+            return
+        orders = stored.orders
+        log.warning("grid operator orders from before the restart back in force (given %s, %s): "
+                    "export limit %s kW, disconnected %s, Q %s kvar, tan(phi) %s",
+                    iso_time(stored.given_at_s), orders.source, orders.export_limit_kw, orders.disconnected,
+                    orders.reactive_setpoint_kvar, orders.tan_phi)
+        self.emit_event("grid_order_restored", None, {
+            "export_limit_kw": orders.export_limit_kw, "disconnected": orders.disconnected,
+            "reactive_setpoint_kvar": orders.reactive_setpoint_kvar, "tan_phi": orders.tan_phi,
+            "source": orders.source, "given_at": iso_time(stored.given_at_s), "path": path,
+        })
+        self.deie.restore(orders.with_(source=SOURCE_PERSISTED),
+                          link_loss_default=orders.source == "link_loss_default")
+
     # ---------------------------------------------------------------- run
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -110,6 +150,13 @@ class Gateway:
         profile = self.profile
         spool_cfg = profile.uplink.spool
         spool = await asyncio.to_thread(Spool, spool_cfg.path, int(spool_cfg.max_mb * 1024 * 1024))
+        stored_orders, stored_orders_error = None, None
+        if profile.grid.deie is not None:
+            self.order_store = OrderStore(orders_path(spool_cfg.path), self.emit_event)
+            try:
+                stored_orders = await self.order_store.load()
+            except OrderStoreError as error:  # never a reason not to start: reported below
+                stored_orders_error = error
         birth = {
             "state": "online",
             "version": __version__,
@@ -117,7 +164,8 @@ class Gateway:
             "assets": [{"id": a.id, "kind": a.kind, "driver": a.driver_name} for a in self.assets],
         }
         self.uplink = Uplink(profile, spool, self._on_setpoint, birth, self.emit_event,
-                             on_message={"schedule": self._on_schedule, "ev/preferences": self._on_ev_preferences})
+                             on_message={"schedule": self._on_schedule, "ev/preferences": self._on_ev_preferences},
+                             on_repaired=self.stats.count_repaired)
         self.controller = Controller(
             profile, self.assets, self._enqueue, self._publish_live, self.emit_event, self.stats,
             on_cycle=self._after_cycle,
@@ -130,7 +178,10 @@ class Gateway:
         if profile.grid.deie is not None:
             from edge.deie import DeieLink
 
-            self.deie = DeieLink(profile.grid.deie, self.controller.apply_grid_orders, self.emit_event)
+            self.deie = DeieLink(profile.grid.deie, self._apply_grid_orders, self.emit_event)
+            # No await since the tasks above were created, and none before the drivers' tasks below:
+            # the orders from before the restart are in force before any device hears a command.
+            self._restore_grid_orders(stored_orders, stored_orders_error)
             tasks.append(asyncio.create_task(self._supervise("deie", self.deie.run), name="deie"))
         driver_tasks = [
             asyncio.create_task(self._supervise(f"driver {a.id}", a.driver.run), name=f"driver-{a.id}")
@@ -179,11 +230,14 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.order_store is not None:
+                await self.order_store.flush(timeout_s=2.0)
             await asyncio.to_thread(spool.close)
             log.info("stopped")
 
     def _after_cycle(self) -> None:
         self.notifier.watchdog()
+        self.ratings.check()  # cheap: only a driver whose ratings changed is judged
         telemetry = self.controller.last_telemetry if self.controller is not None else None
         if not telemetry:
             return

@@ -30,6 +30,7 @@ class CycleStats:
         self.allocation_s: deque[float] = deque(maxlen=window)  # every allocation, cycles and setpoints
         self.cycles = 0
         self.missed_cycles = 0
+        self.messages_repaired = 0  # outbound messages that had to be repaired to encode
         self.loop_lag = LoopLagMonitor()
 
     def record(self, duration_s: float, lateness_s: float) -> None:
@@ -56,7 +57,11 @@ class CycleStats:
             "loop_lag_ms_max_since_last": round(self.loop_lag.take_max_since_last_s() * 1000, 3),
             "allocation_ms_last": round(allocations[-1] * 1000, 3) if allocations else None,
             "allocation_ms_p99": round(percentile(allocations, 99) * 1000, 3),
+            "messages_repaired": self.messages_repaired,
         }
+
+    def count_repaired(self) -> None:
+        self.messages_repaired += 1
 
 
 class LoopLagMonitor:

@@ -10,9 +10,12 @@ operator reads in the ack; the schema here documents the same rules.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from edge.intake import MESSAGE_ID_PATTERN, MESSAGE_ID_RULE
+from edge.profile_types import ID_PATTERN
 
 Kw = float | None
 
@@ -21,14 +24,64 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SetpointMessage(Contract):
-    """`<prefix>/<site>/setpoint`, published by the VPP. Give `valid_s` or `expires_at`, not both."""
+# Times on the wire: ISO 8601 with a zone, or epoch seconds between 2001 and 2100 (a
+# bound that keeps every later conversion of the time finite and in range).
+EPOCH_MIN_S = 1_000_000_000.0
+EPOCH_MAX_S = 4_102_444_800.0
+WireTime = Annotated[str, Field(min_length=1, max_length=40)] | Annotated[float, Field(ge=EPOCH_MIN_S, le=EPOCH_MAX_S)]
+MessageId = Annotated[str, Field(pattern=MESSAGE_ID_PATTERN, description=f"Message id: {MESSAGE_ID_RULE}.")]
+AssetId = Annotated[str, Field(pattern=ID_PATTERN, description="An asset id of the site profile.")]
+MAX_ABS_KW = 1_000_000.0
+WireKw = Annotated[float, Field(ge=-MAX_ABS_KW, le=MAX_ABS_KW, allow_inf_nan=False)]
 
-    id: str = Field(min_length=1, max_length=128, description="Unique id; a repeated id is rejected as a replay.")
-    ts: str | float = Field(description="Issue time: ISO 8601 with zone, or epoch seconds.")
-    valid_s: float | None = Field(None, gt=0, le=3600, description="Validity from ts, seconds.")
-    expires_at: str | float | None = Field(None, description="End of validity: ISO 8601 with zone, or epoch seconds.")
-    activation_kw: float = Field(description="Requested activation, kW; positive = upward regulation (more export / less import).")
+
+class SetpointMessage(Contract):
+    """`<prefix>/<site>/setpoint`, published by the VPP. Give `valid_s` or `expires_at`, not both.
+
+    At most 16 KiB, strict UTF-8 JSON (no NaN, no duplicate keys); see "Inbound messages"."""
+
+    id: MessageId = Field(description=f"Unique id ({MESSAGE_ID_RULE}); a repeated id is rejected as a replay.")
+    ts: WireTime = Field(description="Issue time: ISO 8601 with zone, or epoch seconds.")
+    valid_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] | None = Field(
+        None, description="Validity from ts, seconds.")
+    expires_at: WireTime | None = Field(
+        None, description="End of validity: ISO 8601 with zone, or epoch seconds; at most 3600 s after ts.")
+    activation_kw: WireKw = Field(description="Requested activation, kW; positive = upward regulation (more export / less import).")
+
+
+class ConnectionLimitsSlot(Contract):
+    """One slot of a `connection_limits` schedule: magnitudes, >= 0; null or absent: no limit."""
+
+    import_limit_kw: Annotated[float, Field(ge=0, le=MAX_ABS_KW, allow_inf_nan=False)] | None = None
+    export_limit_kw: Annotated[float, Field(ge=0, le=MAX_ABS_KW, allow_inf_nan=False)] | None = None
+
+
+class ScheduleMessage(Contract):
+    """`<prefix>/<site>/schedule`, published by the VPP or the DSO (docs/schedules.md). At most 1 MiB."""
+
+    id: MessageId = Field(description=f"Unique id ({MESSAGE_ID_RULE}) across all kinds; a repeated id is a replay.")
+    ts: WireTime = Field(description="Issue time: ISO 8601 with zone, or epoch seconds; the newest schedule decides.")
+    kind: Literal["activation", "site_power", "connection_limits", "tariff", "baseline"]
+    start: WireTime = Field(description="Start of the first slot.")
+    resolution_s: Annotated[float, Field(ge=60, le=3600)] = Field(
+        description="Slot length, whole seconds dividing a day (60 ... 3600).")
+    values: list[WireKw | ConnectionLimitsSlot | None] = Field(
+        min_length=1, max_length=44640,
+        description="One value per slot: kW (activation, site_power, baseline), a price per kWh (tariff), or "
+                    "limits (connection_limits); null: nothing scheduled in that slot.")
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] | None = Field(None, description="tariff only: ISO 4217 code.")
+    asset_id: AssetId | None = Field(None, description="baseline only: the asset whose baseline this is.")
+
+
+class EvPreferencesMessage(Contract):
+    """`<prefix>/<site>/ev/preferences`: an EV driver's needs for the session at a charger. At most 16 KiB."""
+
+    asset_id: AssetId = Field(description="The charger's asset id.")
+    departure: WireTime | None = Field(None, description="When the EV leaves: ISO 8601 with zone, or epoch seconds.")
+    energy_kwh: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] | None = None
+    target_soc_pct: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+    battery_capacity_kwh: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] | None = None
+    ev_max_kw: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] | None = None
 
 
 class ScheduleAck(Contract):
@@ -99,10 +152,12 @@ class SiteValues(Contract):
     soc_pct: Kw = Field(description="Mean state of charge of the online storage assets.")
     online: bool = Field(description="At least one asset answers.")
     metered: bool = Field(description="Site values come from an online connection-point meter.")
-    limited_by: Literal["export_limit", "import_limit", "band", "discrete_band"] | None = Field(
+    limited_by: Literal["export_limit", "import_limit", "band", "discrete_band", "command_refused"] | None = Field(
         description="Why activation_kw differs from activation_requested_kw (discrete_band: chargers or P2H units "
                     "that are off or between minimum and maximum load cannot deliver the exact share, and the "
-                    "continuous assets could not make up the difference)."
+                    "continuous assets could not make up the difference; command_refused: assets that refused "
+                    "their target, or did not confirm it, count at their measured power, and the others could "
+                    "not take their share)."
     )
     import_limit_kw: Kw = Field(description="Import limit in force: the profile's, tightened by a connection-limits schedule.")
     export_limit_kw: Kw = Field(
@@ -129,6 +184,9 @@ class GatewayHealth(Contract):
     loop_lag_ms_max_since_last: float = Field(description="Largest event-loop lag since the previous telemetry message.")
     allocation_ms_last: float | None = Field(description="Time the last allocation took (sharing the activation), ms.")
     allocation_ms_p99: float = Field(description="Its 99th percentile over the last 300 allocations, ms.")
+    messages_repaired: int = Field(
+        ge=0, description="Messages the gateway built that could not be encoded as they were (a NaN, a lone surrogate), "
+                          "since start: each went out repaired (bad values as null or escaped) with a message_repaired event.")
 
 
 class GridOrdersValues(Contract):
@@ -136,7 +194,9 @@ class GridOrdersValues(Contract):
     disconnected: bool = Field(description="The grid operator ordered the site to stop producing.")
     reactive_setpoint_kvar: Kw = Field(description="Reactive power ordered at the connection point, + over-excited; null: none.")
     tan_phi: Kw = Field(description="tan(phi) = Q / P ordered at the connection point (flexedge signs); null: none.")
-    source: str = Field(description="Where the orders come from: none, deie, link_loss_default.")
+    source: str = Field(description="Where the orders come from: none, deie, link_loss_default, or persisted "
+                        "(saved before the gateway restarted and put back in force at start-up, until the operator's "
+                        "next order or lift, or the DEIE's general interrogation in the client role).")
 
 
 class FcrValues(Contract):
@@ -269,7 +329,9 @@ class Status(Contract):
 CONTRACT = {
     "setpoint": SetpointMessage,
     "setpoint/ack": SetpointAck,
+    "schedule": ScheduleMessage,
     "schedule/ack": ScheduleAck,
+    "ev/preferences": EvPreferencesMessage,
     "ev/preferences/ack": EvPreferencesAck,
     "telemetry": Telemetry,
     "events": Event,

@@ -67,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.preflight import describe_os_error, spool_problem
+
 __all__ = ["Appended", "Spool", "SpoolError", "SpoolStats", "SpooledMessage", "MIN_MAX_BYTES"]
 
 SCHEMA_VERSION = 1
@@ -117,6 +119,7 @@ class Appended:
     seq: int | None  # the payload's "seq" when a seq_stream was given
     message: SpooledMessage
     dropped: int  # oldest messages deleted by this append to stay under max_bytes
+    encoding_problem: str | None = None  # the payload had to be repaired to encode (encode_payload_checked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +133,49 @@ class SpoolStats:
 
 
 def encode_payload(topic: str, payload: dict[str, Any]) -> bytes:
-    """Compact JSON; NaN and infinities are refused because JSON has no spelling for them."""
+    """Compact JSON of a message the gateway built; never fails (see encode_payload_checked)."""
+    return encode_payload_checked(topic, payload)[0]
+
+
+def encode_payload_checked(topic: str, payload: dict[str, Any]) -> tuple[bytes, str | None]:
+    """Compact UTF-8 JSON, and None; or, when ``payload`` cannot be encoded as it is, the JSON
+    of a repaired copy and what was wrong.
+
+    A message the gateway built must never be lost to a value in it (a NaN, a lone
+    surrogate, an object JSON has no spelling for): that would drop telemetry, or take a
+    sequence number with it.  The repaired copy has NaN and infinities as null, lone
+    surrogates as ``\\udxxx`` escapes, and anything else as its ``str()``; the caller
+    counts and reports the problem (event ``message_repaired``).
+    """
     try:
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    except ValueError as exc:
-        raise ValueError(f"payload for {topic!r} has a non-finite number (NaN or infinity): {exc}") from None
-    except TypeError as exc:
-        raise ValueError(f"payload for {topic!r} is not JSON-serialisable: {exc}") from None
+        return _json(payload), None
+    except (ValueError, TypeError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
+        problem = f"payload for {topic!r} could not be encoded as built: {type(error).__name__}: {error}"
+        problem = problem.encode("utf-8", "backslashreplace").decode("utf-8")[:300]
+        return _json(_repaired(payload, 0)), problem
+
+
+def _json(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+_MAX_REPAIR_DEPTH = 64
+
+
+def _repaired(value: Any, depth: int) -> Any:
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if depth >= _MAX_REPAIR_DEPTH:
+        return None
+    if isinstance(value, dict):
+        return {_repaired(str(key), depth): _repaired(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_repaired(item, depth + 1) for item in value]
+    return _repaired(str(value), depth)
 
 
 class Spool:
@@ -148,18 +187,28 @@ class Spool:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None  # before anything can fail: _close_quietly reads it
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise SpoolError(f"spool {self.path}: cannot create its directory: {exc.strerror or exc}") from None
+            raise SpoolError(self._why_unusable(f"cannot be created: {describe_os_error(exc)}")) from None
         try:
-            self._db: sqlite3.Connection | None = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=10.0
-            )
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self._open()
         except sqlite3.Error as exc:
             self._close_quietly()
-            raise SpoolError(f"spool {self.path}: not a usable SQLite spool ({exc})") from None
+            raise SpoolError(self._why_unusable(f"is not a usable SQLite spool ({exc})")) from None
+        except BaseException:
+            self._close_quietly()
+            raise
+
+    def _why_unusable(self, fallback: str) -> str:
+        """SQLite and mkdir say "unable to open database file" or "File exists"; edge.preflight says what is wrong."""
+        try:
+            problem = spool_problem(self.path)
+        except Exception:  # noqa: BLE001 -- a diagnosis must not hide the error it explains
+            problem = None
+        return problem.text if problem is not None else f"spool {self.path} {fallback}"
 
     # ------------------------------------------------------------- opening
 
@@ -254,28 +303,30 @@ class Spool:
             raise ValueError(f"qos for {topic!r} must be 0, 1 or 2, got {qos!r}")
         if seq_stream is not None and (not isinstance(seq_stream, str) or not seq_stream):
             raise ValueError(f"seq_stream must be a non-empty string or None, got {seq_stream!r}")
-        # without a seq the JSON is final now: encode (and fail) before taking the lock
-        json_bytes = encode_payload(topic, payload) if seq_stream is None else None
+        # without a seq the JSON is final now: encode before taking the lock
+        json_bytes, problem = encode_payload_checked(topic, payload) if seq_stream is None else (None, None)
         with self._lock:
             with self._transaction():
-                seq, row_id, json_bytes, pending, dropped = self._insert(topic, payload, seq_stream, qos, retain, json_bytes)
+                seq, row_id, json_bytes, pending, dropped, seq_problem = self._insert(
+                    topic, payload, seq_stream, qos, retain, json_bytes)
             # in-memory copies follow the commit, still under the lock
             self._pending = pending
             self._dropped_total += dropped
         if seq is not None:
             payload["seq"] = seq
-        return Appended(seq, SpooledMessage(row_id, topic, json_bytes, qos, bool(retain)), dropped)
+        return Appended(seq, SpooledMessage(row_id, topic, json_bytes, qos, bool(retain)), dropped, problem or seq_problem)
 
     def _insert(
         self, topic: str, payload: dict[str, Any], seq_stream: str | None, qos: int, retain: bool, json_bytes: bytes | None
-    ) -> tuple[int | None, int, bytes, int, int]:
-        """Inside a transaction: (seq, row id, JSON stored, pending after, dropped)."""
-        seq = None
+    ) -> tuple[int | None, int, bytes, int, int, str | None]:
+        """Inside a transaction: (seq, row id, JSON stored, pending after, dropped, encoding problem)."""
+        seq = problem = None
         if seq_stream is not None:
             seq = self._counter(_SEQ_PREFIX + seq_stream) + 1
             self._set_counter(_SEQ_PREFIX + seq_stream, seq)
             # seq first: people read these messages, and it is the key consumers order by
-            json_bytes = encode_payload(topic, {"seq": seq, **{k: v for k, v in payload.items() if k != "seq"}})
+            json_bytes, problem = encode_payload_checked(
+                topic, {"seq": seq, **{k: v for k, v in payload.items() if k != "seq"}})
         assert json_bytes is not None
         encoding, body = _compress(json_bytes)
         if len(body) > self.max_bytes // 4:
@@ -294,7 +345,7 @@ class Spool:
         self._set_counter(_COUNTER_PENDING, pending)
         if dropped:
             self._set_counter(_COUNTER_DROPPED, self._dropped_total + dropped)
-        return seq, row_id, json_bytes, pending, dropped
+        return seq, row_id, json_bytes, pending, dropped, problem
 
     def _drop_oldest_over_cap(self, newest_id: int, pending: int) -> int:
         db = self._conn()

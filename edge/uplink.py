@@ -12,7 +12,13 @@ Topics are ``<prefix>/<site id>/<subtopic>`` (see docs/mqtt-api.md).  The uplink
 * sets a retained last will ``status`` = ``{"state": "offline", "site_id": ...,
   "reason": "connection lost"}`` and publishes the birth message (retained, QoS 1,
   ``ts`` refreshed) after every connect, then subscribes to ``setpoint`` (QoS 1);
-* reconnects forever with capped exponential backoff and jitter;
+* reconnects forever: the first retry after 0.25-0.5 s, then twice as long each time up
+  to a cap of 5 s, each delay drawn between half and all of its ceiling (equal jitter,
+  edge/backoff.py), so the site is back within a few seconds of its broker and a fleet
+  of gateways does not come back in step.  A connection closed before CONNACK (a broker
+  refusing the client certificate) fails at once rather than at the CONNACK timeout;
+  each distinct failure is logged once per outage, a refusal that retrying will not cure
+  (credentials, TLS, a bad password or TLS file) as an error saying what to check;
 * spools every message of the ``SPOOLED_STREAMS`` (telemetry, events, the 1-min
   consumption and 15-min validation aggregates; :class:`edge.spool.Spool`, through
   :func:`asyncio.to_thread`) *before* sending it and deletes it only after the
@@ -26,7 +32,7 @@ Topics are ``<prefix>/<site id>/<subtopic>`` (see docs/mqtt-api.md).  The uplink
 Public API::
 
     Uplink(profile, spool, on_setpoint, birth, emit_event=None, *, backoff_initial_s=0.5,
-           backoff_max_s=30.0, connect_timeout_s=10.0, ack_timeout_s=20.0,
+           backoff_max_s=5.0, connect_timeout_s=10.0, ack_timeout_s=20.0,
            backlog_inflight=8, overflow_event_interval_s=60.0)
     await uplink.run()                    # until cancelled or closed; never raises for network trouble
     seq = await uplink.publish(stream, payload)   # stream in SPOOLED_STREAMS; spool, then send
@@ -43,7 +49,8 @@ subscribed with QoS 1 and handled the same way.
 "version": ..., "site_id": ..., "assets": [...]}``.  When a spool overflow drops
 messages, ``emit_event("spool_overflow", None, {"dropped": n, "dropped_total": N,
 "max_bytes": M})`` is called (at most once per ``overflow_event_interval_s``,
-counts accumulated); without ``emit_event`` the uplink publishes that event itself.
+counts accumulated); without ``emit_event`` the uplink publishes that event itself,
+and so it does in :meth:`close` for drops not yet reported.
 
 Cancelling :meth:`run` while connected publishes the shutdown status too, so the
 retained status is right whichever way the daemon stops.
@@ -53,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import time
 from dataclasses import dataclass
@@ -65,8 +71,10 @@ from aiomqtt import ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 
 from edge.asset import EventSink
+from edge.backoff import Backoff
+from edge.preflight import FileProblem, FileProblemError, tls_context
 from edge.profile import Mqtt, Profile
-from edge.spool import Spool, SpooledMessage, encode_payload
+from edge.spool import Spool, SpooledMessage, encode_payload, encode_payload_checked
 
 __all__ = ["Uplink", "UplinkStats", "SPOOLED_STREAMS", "utc_timestamp"]
 
@@ -78,6 +86,18 @@ _UNSUPPORTED_PROTOCOL_CODES = (1, 0x84)  # 3.1.1 "unacceptable protocol version"
 _BACKLOG_BATCH = 100
 _BACKLOG_RESCAN_S = 2.0  # safety net: also look for unsent rows this often while idle
 _STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the backoff
+_MAX_FAILURES_REMEMBERED = 32  # distinct failure texts kept for logging each once
+# CONNACK refusals that retrying will not cure: 3.1.1 codes 2, 4, 5; MQTT 5 reason codes
+_REFUSALS = {
+    2: "client identifier rejected: check uplink.mqtt.client_id",
+    4: "check uplink.mqtt.username and the password",
+    5: "check uplink.mqtt.username, the password and what the broker allows them",
+    0x85: "client identifier rejected: check uplink.mqtt.client_id",
+    0x86: "check uplink.mqtt.username and the password",
+    0x87: "check uplink.mqtt.username, the password and what the broker allows them",
+    0x8A: "the broker has banned this client",
+    0x8C: "the broker wants another authentication method",
+}
 _PAHO_MAX_INFLIGHT = 20  # Mosquitto's default receive maximum
 _SHUTDOWN_STEP_S = 1.5  # each of: shutdown status PUBACK, DISCONNECT, when run() is cancelled
 
@@ -118,12 +138,13 @@ class Uplink:
         emit_event: EventSink | None = None,
         *,
         backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 30.0,
+        backoff_max_s: float = 5.0,
         connect_timeout_s: float = 10.0,
         ack_timeout_s: float = 20.0,
         backlog_inflight: int = 8,
         overflow_event_interval_s: float = 60.0,
         on_message: dict[str, Callable[[bytes], None]] | None = None,
+        on_repaired: Callable[[], None] | None = None,
     ):
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s, got {backoff_initial_s}, {backoff_max_s}")
@@ -139,8 +160,11 @@ class Uplink:
         self._handlers: dict[str, Callable[[bytes], None]] = {"setpoint": on_setpoint, **(on_message or {})}
         self._birth = dict(birth)
         self._emit_event = emit_event
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
+        self._on_repaired = on_repaired
+        self.messages_repaired = 0  # messages we built that had to be repaired to encode (encode_payload_checked)
+        # equal jitter: gateways cut off by the same outage must not all come back in the same instant
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._failures_logged: set[str] = set()  # failure texts logged since the last connection
         self._connect_timeout_s = connect_timeout_s
         self._ack_timeout_s = ack_timeout_s
         self._backlog_inflight = backlog_inflight
@@ -190,6 +214,8 @@ class Uplink:
         if stream not in SPOOLED_STREAMS:
             raise ValueError(f"publish(): stream must be one of {', '.join(SPOOLED_STREAMS)}, got {stream!r}")
         result = await asyncio.to_thread(self._spool.append_message, self.topic(stream), payload, stream)
+        if result.encoding_problem:
+            self._repaired(stream, result.seq, result.encoding_problem, payload)
         if result.dropped:
             self._note_overflow(result.dropped)
         if self._session is not None:
@@ -202,7 +228,9 @@ class Uplink:
     def publish_live(self, subtopic: str, payload: dict[str, Any]) -> None:
         """Send at once with QoS 1, without spooling; dropped (and counted) while offline."""
         topic = self.topic(subtopic)
-        body = encode_payload(topic, payload)
+        body, problem = encode_payload_checked(topic, payload)
+        if problem:
+            self._repaired(subtopic, None, problem, payload)
         session = self._session
         if session is None:
             self._live_dropped += 1
@@ -210,13 +238,21 @@ class Uplink:
             return
         self._spawn(self._publish_live(session.client, topic, body))
 
+    def _repaired(self, stream: str, seq: int | None, problem: str, payload: dict[str, Any]) -> None:
+        """A message we built had to be repaired to encode: it went out all the same; count and report it."""
+        self.messages_repaired += 1
+        if self._on_repaired is not None:
+            self._on_repaired()
+        LOG.warning("%s message %s repaired to encode: %s", stream, seq if seq is not None else "", problem)
+        if self._emit_event is not None and not (stream == "events" and payload.get("type") == "message_repaired"):
+            self._emit_event("message_repaired", None, {"stream": stream, "seq": seq, "problem": problem})
+
     async def run(self) -> None:
         """Connect, serve, reconnect; until cancelled or :meth:`close` is called."""
         if self._run_task is not None and not self._run_task.done():
             raise RuntimeError("Uplink.run() is already running")
         self._run_task = asyncio.current_task()
         remover = asyncio.create_task(self._remove_acknowledged())
-        attempt = 0
         try:
             while not self._closing:
                 protocol = self._protocol_to_try()
@@ -234,12 +270,9 @@ class Uplink:
                     continue  # at once, without backoff
                 was_connected = self._connections > connections_before
                 if was_connected and time.monotonic() - self._connected_at >= _STABLE_CONNECTION_S:
-                    attempt = 0
-                delay_s = self._backoff_s(attempt)
-                attempt += 1
-                LOG.warning(
-                    "uplink to %s:%d: %s; reconnecting in %.1f s", self._mqtt.host, self._mqtt.port, _describe(error), delay_s
-                )
+                    self._backoff.reset()
+                delay_s = self._backoff.next_delay()
+                self._log_failure(error, was_connected, delay_s)
                 await asyncio.sleep(delay_s)
         except asyncio.CancelledError:
             if not self._closing:
@@ -264,6 +297,7 @@ class Uplink:
             return
         self._closing = True  # also stops the backlog from starting new sends
         try:
+            await self._report_overflow_at_close()  # before the settling: it goes out live if connected
             session = self._session
             if session is not None:
                 await self._settle(session, timeout_s * 0.6)
@@ -304,18 +338,31 @@ class Uplink:
         self._fallback_to_311 = True
         return True
 
-    def _backoff_s(self, attempt: int) -> float:
-        ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(attempt, 30))
-        return random.uniform(ceiling / 2, ceiling)  # jitter: many gateways must not reconnect in step
+    def _log_failure(self, error: BaseException | None, was_connected: bool, delay_s: float) -> None:
+        """Each distinct failure once per outage: at a retry every few seconds, repeats would drown the log."""
+        text = _describe(error)
+        if was_connected or len(self._failures_logged) >= _MAX_FAILURES_REMEMBERED:
+            self._failures_logged.clear()
+        where = f"uplink to {self._mqtt.host}:{self._mqtt.port}"
+        if text in self._failures_logged:
+            LOG.debug("%s: %s (again); reconnecting in %.1f s", where, text, delay_s)
+            return
+        self._failures_logged.add(text)
+        hint = _refusal_hint(error)
+        if hint is None:
+            LOG.warning("%s: %s; reconnecting in %.1f s", where, text, delay_s)
+        else:
+            # It will not fix itself, but the broker or the files may be put right: keep trying, quietly.
+            LOG.error("%s: %s (%s); retrying every %g s at most, logged again only if it changes",
+                      where, text, hint, self._backoff.cap_s)
 
     def _credentials_and_tls(self) -> tuple[str | None, ssl.SSLContext | None]:
-        """Blocking (reads files): run in a thread."""
+        """Blocking (reads files): run in a thread.  A missing or bad credential raises FileProblemError."""
         cfg = self._mqtt
-        if cfg.password_file is not None and not cfg.password_file.is_file():
-            LOG.error("uplink.mqtt.password_file %s does not exist; connecting without a password", cfg.password_file)
         password = cfg.password()
         if cfg.password_env is not None and password is None:
-            LOG.error("uplink.mqtt.password_env: environment variable %s is not set", cfg.password_env)
+            raise FileProblemError(FileProblem("uplink.mqtt.password_env", "environment variable", cfg.password_env,
+                                               "is not set"))
         return password, (_tls_context(cfg) if cfg.tls is not None else None)
 
     def _will(self) -> aiomqtt.Will:
@@ -324,6 +371,7 @@ class Uplink:
 
     async def _connect_and_serve(self, protocol: ProtocolVersion) -> None:
         password, tls_context = await asyncio.to_thread(self._credentials_and_tls)
+        paho_log = _PahoLog(LOG.getChild("paho"))
         client = aiomqtt.Client(
             self._mqtt.host,
             self._mqtt.port,
@@ -337,19 +385,19 @@ class Uplink:
             timeout=self._connect_timeout_s,
             tls_context=tls_context,
             max_inflight_messages=_PAHO_MAX_INFLIGHT,
-            logger=LOG.getChild("paho"),
+            logger=paho_log,
         )
         # aiomqtt's connect timeout covers CONNACK; the TCP/TLS part is paho's own 5 s
         # socket timeout.  The outer bound makes sure nothing here can hang.
         try:
             async with asyncio.timeout(self._connect_timeout_s + 10):
-                await client.__aenter__()
+                await _connect(client, paho_log)
         except aiomqtt.MqttError as exc:
             if str(exc) == "Operation timed out":  # aiomqtt's words for "no CONNACK"
-                raise ConnectionError(
-                    f"no CONNACK within {self._connect_timeout_s:g} s (a TLS or socket error is logged above)"
-                ) from None
+                cause = f" ({paho_log.last_error})" if paho_log.last_error else ""
+                raise ConnectionError(f"no CONNACK within {self._connect_timeout_s:g} s{cause}") from None
             raise
+        paho_log.connected = True
         try:
             self.protocol = "5" if protocol == ProtocolVersion.V5 else "3.1.1"
             self._connections += 1
@@ -506,18 +554,41 @@ class Uplink:
             self._overflow_timer = asyncio.get_running_loop().call_later(due - now, self._report_overflow)
 
     def _report_overflow(self) -> None:
-        self._overflow_timer = None
-        dropped, self._overflow_unreported = self._overflow_unreported, 0
-        if not dropped:
+        detail = self._take_overflow_report()
+        if detail is None:
             return
-        self._overflow_reported_at = time.monotonic()
-        detail = {"dropped": dropped, "dropped_total": self._spool.dropped_total, "max_bytes": self._spool.max_bytes}
-        LOG.warning("spool full (%d bytes): dropped the %d oldest messages", self._spool.max_bytes, dropped)
         if self._emit_event is not None:
             self._emit_event("spool_overflow", None, detail)
         else:
-            event = {"ts": utc_timestamp(), "site_id": self._site_id, "type": "spool_overflow", "asset_id": None, "detail": detail}
-            self._spawn(self.publish("events", event))
+            self._spawn(self.publish("events", self._overflow_event(detail)))
+
+    def _take_overflow_report(self) -> dict[str, Any] | None:
+        if self._overflow_timer is not None:
+            self._overflow_timer.cancel()
+        self._overflow_timer = None
+        dropped, self._overflow_unreported = self._overflow_unreported, 0
+        if not dropped:
+            return None
+        self._overflow_reported_at = time.monotonic()
+        LOG.warning("spool full (%d bytes): dropped the %d oldest messages", self._spool.max_bytes, dropped)
+        return {"dropped": dropped, "dropped_total": self._spool.dropped_total, "max_bytes": self._spool.max_bytes}
+
+    def _overflow_event(self, detail: dict[str, Any]) -> dict[str, Any]:
+        return {"ts": utc_timestamp(), "site_id": self._site_id, "type": "spool_overflow", "asset_id": None, "detail": detail}
+
+    async def _report_overflow_at_close(self) -> None:
+        """Drops the rate limit holds back would be reported by a timer that close() cancels: report them now.
+
+        Spooled here rather than handed to ``emit_event``: the owner has flushed its
+        outbox before close(), so an event given to it now would be lost.
+        """
+        detail = self._take_overflow_report()
+        if detail is None:
+            return
+        try:
+            await self.publish("events", self._overflow_event(detail))
+        except Exception as exc:  # noqa: BLE001 -- shutting down: say so, and go on closing
+            LOG.error("could not spool the spool_overflow event at shutdown: %s", exc)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -526,24 +597,64 @@ class Uplink:
 
 
 def _tls_context(cfg: Mqtt) -> ssl.SSLContext:
-    tls = cfg.tls
-    assert tls is not None
-    for key in ("ca_file", "cert_file", "key_file"):
-        path = getattr(tls, key)
-        if path is not None and not path.is_file():
-            raise ValueError(f"uplink.mqtt.tls.{key}: {path} does not exist or is not a file")
+    assert cfg.tls is not None
+    return tls_context(cfg.tls)  # the checks `flexedge check` makes, with the same words
+
+
+class _PahoLog(logging.LoggerAdapter):
+    """paho's log for one connection.  Before CONNACK, paho's errors are the only record of why
+    the socket closed: the uplink reports them in its own message, so here they go to debug."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__(logger, {})
+        self.connected = False
+        self.last_error: str | None = None
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR and not self.connected:
+            try:
+                self.last_error = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                self.last_error = str(msg)
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
+
+
+async def _connect(client: aiomqtt.Client, paho_log: _PahoLog) -> None:
+    """``client.__aenter__()``, except that a connection closed before CONNACK fails at once.
+
+    aiomqtt waits for the CONNACK until its timeout even when the socket is gone: a
+    broker that refuses the client certificate (TLS 1.3 says so in an alert after the
+    handshake) or drops the connection would cost a full timeout per attempt.
+    """
+    loop = asyncio.get_running_loop()
+    closed: asyncio.Future[None] = loop.create_future()
+    connack = [False]
+    paho = getattr(client, "_client", None)  # aiomqtt's paho client; without it the CONNACK timeout still applies
+    if paho is not None:
+        on_connect, on_disconnect = paho.on_connect, paho.on_disconnect
+
+        def connect_seen(*args: Any, **kwargs: Any) -> None:
+            connack[0] = True  # paho calls this before on_disconnect: a refused CONNACK wins
+            on_connect(*args, **kwargs)
+
+        def disconnect_seen(*args: Any, **kwargs: Any) -> None:
+            on_disconnect(*args, **kwargs)
+            if not connack[0]:  # paho's threads: hand over to the loop
+                loop.call_soon_threadsafe(lambda: closed.done() or closed.set_result(None))
+
+        paho.on_connect, paho.on_disconnect = connect_seen, disconnect_seen
+    connecting = asyncio.ensure_future(client.__aenter__())
     try:
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"uplink.mqtt.tls.ca_file: cannot load {tls.ca_file}: {exc}") from None
-    if tls.cert_file is not None:
-        try:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(
-                f"uplink.mqtt.tls.cert_file/key_file: cannot load {tls.cert_file} with {tls.key_file}: {exc}"
-            ) from None
-    return context
+        await asyncio.wait((connecting, closed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+    if not connecting.cancelled():
+        connecting.result()  # raises MqttError: refused, timed out
+        return
+    raise ConnectionError(f"connection closed before CONNACK: {paho_log.last_error or 'the broker hung up'}")
 
 
 async def _exit_quietly(client: aiomqtt.Client) -> None:
@@ -553,6 +664,19 @@ async def _exit_quietly(client: aiomqtt.Client) -> None:
             await client.__aexit__(None, None, None)
     except Exception:  # noqa: BLE001 -- the connection is gone either way
         pass
+
+
+def _refusal_hint(error: BaseException | None) -> str | None:
+    """What to check when ``error`` is a refusal that retrying will not cure; None for the others."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    if isinstance(error, ValueError):  # FileProblemError: a file or variable the profile names
+        return "no connection until it is put right"
+    if isinstance(error, MqttConnectError):
+        return _REFUSALS.get(getattr(error.rc, "value", error.rc))
+    if error is not None and (isinstance(error, ssl.SSLError) or "[SSL" in str(error)):
+        return "TLS refused: check uplink.mqtt.tls and the broker's certificates"
+    return None
 
 
 def _describe(error: BaseException | None) -> str:

@@ -101,11 +101,19 @@ def test_overflow_drops_the_oldest_keeps_the_cap_and_counts_persistently(tmp_pat
         assert spool.pending == len(remaining)
 
 
+def test_a_message_that_cannot_be_encoded_is_repaired_not_lost(spool):
+    """A value we built badly (NaN, lone surrogate, an object) never costs the message or its seq."""
+    first = spool.append_message("site/telemetry", {"p_kw": float("nan"), "id": "a\ud800b"}, seq_stream="telemetry")
+    assert first.seq == 1 and "could not be encoded" in first.encoding_problem
+    assert json.loads(first.message.payload) == {"seq": 1, "p_kw": None, "id": "a\\ud800b"}
+    second = spool.append_message("site/events", {"when": object(), "deep": [[[float("inf")]]]})
+    assert second.encoding_problem and json.loads(second.message.payload)["deep"] == [[[None]]]
+    clean = spool.append_message("site/telemetry", {"p_kw": 1.0}, seq_stream="telemetry")
+    assert clean.seq == 2 and clean.encoding_problem is None
+    assert [json.loads(m.payload).get("seq") for m in spool.oldest(10)] == [1, None, 2]
+
+
 def test_bad_input_is_refused_with_what_and_where(spool, tmp_path):
-    with pytest.raises(ValueError, match=r"'site/telemetry'.*non-finite"):
-        spool.append("site/telemetry", {"p_kw": float("nan")}, seq_stream="telemetry")
-    with pytest.raises(ValueError, match=r"'site/events'.*not JSON-serialisable"):
-        spool.append("site/events", {"when": object()})
     with pytest.raises(ValueError, match="wildcards"):
         spool.append("site/#", {})
     with pytest.raises(ValueError, match="qos"):
@@ -121,8 +129,27 @@ def test_bad_input_is_refused_with_what_and_where(spool, tmp_path):
 def test_a_file_that_is_not_a_spool_gives_a_clear_error(tmp_path):
     junk = tmp_path / "spool.sqlite"
     junk.write_bytes(b"this is not SQLite" * 300)
-    with pytest.raises(SpoolError, match=rf"{junk}.*not a usable SQLite spool"):
+    with pytest.raises(SpoolError, match=rf"^spool {junk} is not an SQLite database"):
         Spool(junk, 16 * MB)
+
+
+def unusable(path: Path) -> str:
+    with pytest.raises(SpoolError) as caught:
+        Spool(path, 16 * MB)
+    # one line that says it all: no chained traceback to read the cause from
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    return str(caught.value)
+
+
+def test_an_unusable_place_gives_one_line_naming_the_path_and_the_cause(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert unusable(tmp_path / "file" / "spool.sqlite") == (
+        f"spool {tmp_path}/file/spool.sqlite cannot be created: {tmp_path}/file is a file, not a folder")
+    (tmp_path / "folder.sqlite").mkdir()
+    assert unusable(tmp_path / "folder.sqlite") == f"spool {tmp_path}/folder.sqlite is a folder, not a file"
+    if Path("/sys/kernel").is_dir():  # refuses new files even to root (was: AttributeError: ... no attribute '_db')
+        assert unusable(Path("/sys/kernel/spool.sqlite")).startswith(
+            "spool /sys/kernel/spool.sqlite cannot be created: folder /sys/kernel does not accept new files: ")
 
 
 def test_closed_spool_raises(tmp_path):

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from edge.asset import AssetDriver, AssetReading, EventSink, VoltVarCurve
+from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink, VoltVarCurve
 from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
 
 from drivers.sunspec.codec import ModelBlock, ModelLayout, layout_for
@@ -34,7 +34,7 @@ from drivers.sunspec.discovery import (
 )
 from drivers.sunspec.link import ILLEGAL_DATA_ADDRESS, DeviceRejected, LinkFailure, ModbusLink
 from drivers.sunspec import voltvar
-from drivers.sunspec.measure import build_reading
+from drivers.sunspec.measure import build_reading, device_ratings as read_device_ratings
 
 log = logging.getLogger("flexedge.drivers.sunspec")
 
@@ -67,6 +67,8 @@ class _Setting:
     pending: bool = False  # a new target waits to be written
     release_unconfirmed: bool = False  # a release could not be written yet
     last_written: float = 0.0  # monotonic time of the last write with the revert timer
+    last_refused: float = 0.0  # monotonic time the device last refused a write of it
+    refusals: int = 0  # writes refused in a row
     path: str | None = None  # control path in drivers.sunspec.control
     problem: str | None = None  # the last write's failure, until one succeeds
 
@@ -105,6 +107,8 @@ class SunSpecDriver(AssetDriver):
         self._plan: list[ReadSpan] = []
         self._blocks: dict[int, ModelBlock] = {}
         self._reading = AssetReading(online=False, detail="not connected yet")
+        # Kept while offline: a nameplate does not change because the link is down.
+        self._device_ratings: dict[str, DeviceRating] = {}
         self._online: bool | None = None
         self._started = time.monotonic()
         self._last_answer: float | None = None
@@ -159,6 +163,11 @@ class SunSpecDriver(AssetDriver):
         self._volt_var_pending = True
         self._wake.set()
 
+    def device_ratings(self) -> dict[str, DeviceRating]:
+        """The device's rated_kw (702 WMaxRtg/120 WRtg, or its WMax setting if lower) and, for a
+        battery, max_charge_kw / max_discharge_kw, as last polled (docs/drivers/sunspec.md)."""
+        return self._device_ratings
+
     def reading(self) -> AssetReading:
         if not self._online:
             return AssetReading(online=False, detail=self._last_error, read_at=time.time())
@@ -167,6 +176,8 @@ class SunSpecDriver(AssetDriver):
         if extra:
             return dataclasses.replace(
                 reading, degraded=True, detail="; ".join(p for p in (reading.detail, *extra) if p),
+                # the active-power target the device refused stays refused until a write of it succeeds
+                command_refused=self._active.problem is not None,
             )
         return reading
 
@@ -344,7 +355,7 @@ class SunSpecDriver(AssetDriver):
                     log.warning("%s: model map changed (periodic rescan)", self.asset_id)
                 await self._poll()
                 for setting in self._settings:
-                    if setting.release_unconfirmed or (setting.target is not None and self._refresh_due(setting)):
+                    if (setting.release_unconfirmed or setting.target is not None) and self._refresh_due(setting):
                         await self._write(setting, refresh=True)
                 if self._volt_var is not None and not self.volt_var_in_force \
                         and time.monotonic() - self._volt_var_tried >= VOLT_VAR_RETRY_S:
@@ -395,6 +406,7 @@ class SunSpecDriver(AssetDriver):
                 setting.path = path
         self._poll_problem = None
         self._reading = build_reading(self.asset, self._blocks, self._active.path, time.time(), self._reactive.path)
+        self._device_ratings = read_device_ratings(self.asset.kind, self._blocks)
         if self._online is not True:
             self._set_online(True)
         self._report_degraded()
@@ -425,7 +437,13 @@ class SunSpecDriver(AssetDriver):
         once a minute, which also restores a command a rebooted device forgot."""
         revert_s = float(self.asset.revert_timeout_s)
         interval_s = min(REFRESH_MAX_S, revert_s / 4) if revert_s > 0 else REFRESH_MAX_S
-        return time.monotonic() - setting.last_written >= max(0.0, interval_s - self.cycle_s / 2)
+        now = time.monotonic()
+        if setting.refusals:
+            # A refused write is tried again after a cycle, then 2, 4 ... cycles, up to the refresh
+            # interval: a busy device gets it back at once, one that refuses is not asked every poll.
+            retry_s = min(interval_s, self.cycle_s * 2 ** min(setting.refusals - 1, 16))
+            return now - setting.last_refused >= max(0.0, retry_s - self.cycle_s / 2)
+        return now - setting.last_written >= max(0.0, interval_s - self.cycle_s / 2)
 
     async def _write(self, setting: _Setting, refresh: bool = False) -> None:
         target = setting.target
@@ -468,6 +486,7 @@ class SunSpecDriver(AssetDriver):
         setting.release_unconfirmed = False
         if refresh or any(label.endswith("RvrtTms") for write in writes for label in write.points):
             setting.last_written = time.monotonic()  # only a write with the timer restarts it everywhere
+        setting.refusals = 0
         if setting.problem:
             setting.problem = None
             self._report_degraded()
@@ -516,6 +535,8 @@ class SunSpecDriver(AssetDriver):
 
     def _command_failed(self, setting: _Setting, reason: str, refresh: bool, **wire: str) -> None:
         target = setting.target
+        setting.last_refused = time.monotonic()
+        setting.refusals += 1
         setting.release_unconfirmed = target is None
         problem = f"{setting.what} command failed: {reason}" if setting is self._reactive else f"command failed: {reason}"
         repeated = refresh and setting.problem == problem

@@ -142,7 +142,8 @@ earliest record at or after monotonic ``after_s`` (default: call time) matching 
 Controls: ``set_grid(voltage_v=None, frequency_hz=None)`` (None leaves a value; reported from the next
 read by 101-103/111-113 ``PhVphA..C`` and ``Hz``, 701 ``LNV`` and ``Hz``, meters ``PhV``, ``PhVphA..C``
 and ``Hz``), ``set_sun(kw | None)``, ``set_load(kw)``,
-``set_soc(pct)``, ``set_silent(bool)`` (requests are not processed and get no reply: clients time
+``set_soc(pct)``, ``set_refuse_control(bool)`` (every write refused with exception 4, device
+failure, as a unit in local mode does; reads go on), ``set_silent(bool)`` (requests are not processed and get no reply: clients time
 out), ``set_fault("silent" | "garbage" | "busy" | None)`` ("garbage": replies are random bytes of
 the right length; "busy": exception 6), ``await replace_models(models, base_address=None)``
 (firmware update: new map; a new base restarts the server on the same port).

@@ -191,6 +191,7 @@ class SimulatedDevice:
         self.writes: list[WriteRecord] = []
         self.reverts: list[RevertRecord] = []
         self.fault: str | None = None
+        self.refuse_control = False  # set_refuse_control(): every write answered with exception 4
         self.requests = 0  # Modbus requests answered (reads and writes), for benchmarks
         # physics state
         self.max_charge_kw = float(spec.max_charge_kw if spec.max_charge_kw is not None else spec.rated_kw)
@@ -297,6 +298,11 @@ class SimulatedDevice:
     @property
     def silent(self) -> bool:
         return self.fault == "silent"
+
+    def set_refuse_control(self, refuse: bool) -> None:
+        """Refuse every write with exception 4 (device failure), as a unit in local mode does;
+        reads go on.  Refused writes are recorded (``accepted=False``)."""
+        self.refuse_control = bool(refuse)
 
     def set_fault(self, fault: Fault | None) -> None:
         """``"silent"``: no reply; ``"garbage"``: replies are random bytes; ``"busy"``: every
@@ -776,6 +782,10 @@ class SimulatedDevice:
         now = self._now()
         image = self.image
         end = offset + len(values)
+        if self.refuse_control:
+            owner = image.owner[offset] if 0 <= offset < len(image.owner) else None
+            model_id, name = (owner[0], owner[1].name) if owner else (0, f"register {image.base + offset}")
+            return self._reject(now, model_id, name, values, "control refused (local mode)", ExcCodes.DEVICE_FAILURE)
         touched: dict[int, tuple[int, object]] = {}  # point start index -> (model_id, PointDef)
         for index in range(offset, end):
             owner = image.owner[index]
@@ -850,8 +860,9 @@ class SimulatedDevice:
         else:
             log.info("unit %d: 705 curve %d adopted", self.unit_id, number)
 
-    def _reject(self, now: float, model_id: int, point: str, raw, reason: str) -> ExcCodes:
-        code = ExcCodes.ILLEGAL_ADDRESS if "writable" in reason or "read-only" in reason else ExcCodes.ILLEGAL_VALUE
+    def _reject(self, now: float, model_id: int, point: str, raw, reason: str, code: ExcCodes | None = None) -> ExcCodes:
+        if code is None:
+            code = ExcCodes.ILLEGAL_ADDRESS if "writable" in reason or "read-only" in reason else ExcCodes.ILLEGAL_VALUE
         self.writes.append(WriteRecord(now, self.unit_id, model_id, point, raw, None, accepted=False, reason=reason))
         log.info("unit %d: rejected write %d.%s raw=%s: %s", self.unit_id, model_id, point, raw, reason)
         self._new_write.set()
