@@ -36,6 +36,7 @@ log = logging.getLogger("flexedge.control")
 TARGET_DEADBAND_KW = 0.001  # a change smaller than this is not re-sent to a device
 RELEASE_SETTLE_CYCLES = 5  # a released device is taken to be back at its own power after this long
 RELEASE_SETTLE_MIN_S = 10.0
+SCHEDULE_ON_LOOP_BYTES = 64 * 1024  # larger schedules are structure-checked in a worker thread
 REFUSED_RETRY_CAP_S = 30.0  # a device that keeps refusing is asked again at most this far apart
 
 # Publishes a message on a spooled stream ("telemetry", "events") without blocking.
@@ -140,6 +141,7 @@ class Controller:
         self.intake_failures = 0  # inbound messages refused because validation itself failed (a bug)
         self._refused = RefusedBand()
         self._step_soon: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task] = set()  # large schedules being checked in a thread
         self._meter = next((a for a in assets if a.connection_point), None)
         functions = profile.functions
         self.fcr = FcrDroop(functions.fcr) if functions and functions.fcr else None
@@ -191,11 +193,25 @@ class Controller:
     # ----------------------------------------------------------- schedules
 
     def on_schedule(self, raw: bytes) -> None:
-        """Validate a schedule from the uplink, ack it, and put it in the book (docs/schedules.md)."""
+        """Validate a schedule from the uplink, ack it, and put it in the book (docs/schedules.md).
+
+        The structure of a large schedule (a week of 1-minute slots is about 0.1 s of CPU) is
+        checked in a worker thread, so the loop keeps its cadence; the rest, and the ack, on the loop.
+        """
+        validator = self.schedule_validator
+        if len(raw) <= SCHEDULE_ON_LOOP_BYTES:
+            self._judge_schedule(lambda: validator.structure(raw))
+            return
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(_outcome, validator.structure, raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: None if done.cancelled() else self._judge_schedule(done.result()))
+
+    def _judge_schedule(self, structure: Callable[[], Any]) -> None:
         now = time.time()
         try:
             try:
-                schedule = self.schedule_validator.validate(raw, now, self.schedules)
+                schedule = self.schedule_validator.judge(structure(), now, self.schedules)
             except ScheduleRejected:
                 raise
             except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message, never applies it
@@ -876,6 +892,19 @@ class Controller:
 def _volt_var_curve(config) -> VoltVarCurve:
     """The profile's Q(U) curve for an inverter: v_pu as % of its nominal voltage, q_pct of its VarMax."""
     return VoltVarCurve(tuple((point.v_pu * 100.0, point.q_pct) for point in config.curve), config.response_time_s)
+
+
+def _outcome(call: Callable[[bytes], Any], raw: bytes) -> Callable[[], Any]:
+    """Run ``call(raw)`` (in a worker thread) and hand back a callable that returns or raises its outcome."""
+    try:
+        result = call(raw)
+    except Exception as error:  # noqa: BLE001 -- re-raised on the loop, where it is judged
+        caught = error  # the except clause unbinds its own name when it ends
+
+        def fail():
+            raise caught
+        return fail
+    return lambda: result
 
 
 def _held_range(reading: AssetReading, p_min: float, p_max: float) -> tuple[float, float]:

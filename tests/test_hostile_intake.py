@@ -164,6 +164,8 @@ def test_whatever_is_accepted_keeps_the_contract(setpoint_id, activation_kw, val
      "nested more than"),
     (b'{"id":"a","ts":1800000000,"valid_s":10,"activation_kw":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
      "bytes, more than the 16384 allowed"),
+    (b'{"id":"a","ts":1800000000,"valid_s":10,"activation_kw":' + b"[" * 20 + b'"' + b'\\"' * 5000,
+     "a string is not closed"),
     (b'{"id":"a","ts":1800000000,"valid_s":10,"activation_kw":' + b"9" * 5000 + b"}", "activation_kw: an integer of 5000 digits"),
     (b'{"id":"a","ts":1800000000,"valid_s":10,"activation_kw":' + b"1" + b"0" * 400 + b"}", "activation_kw: an integer of 401 digits"),
     (b'{"id":"a","ts":1800000000,"valid_s":' + b"1" + b"0" * 400 + b',"activation_kw":1}', "valid_s: an integer of 401"),

@@ -85,3 +85,27 @@ async def test_a_baseline_schedule_is_the_assets_plan_and_activations_move_it_fr
             sent = await vpp.send_schedule("baseline", [1.0], resolution_s=3600, asset_id="nope")
             ack = await vpp.wait_schedule_ack(sent["id"])
             assert ack["status"] == "rejected" and "nope" in ack["reason"]
+
+
+async def test_a_week_of_one_minute_limits_is_checked_off_the_loop_and_takes_effect(tmp_path, mosquitto):
+    """The largest schedule accepted (about 565 KB) is structure-checked in a worker thread: acked,
+    in force, and a bad value at its very end still refused naming the slot."""
+    import time
+
+    async with SunSpecSimulator([DeviceSpec(kind="pv", rated_kw=20.0, sun_kw=12.0)]) as sim:
+        pv = sim.devices[0]
+        profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5)
+        async with running_gateway(profile) as gateway, \
+                VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp:
+            await until(online(vpp, 1), 10, "inverter online")
+            now = time.time()
+            week = [{"import_limit_kw": 1234.5, "export_limit_kw": 4.0}] * 10080
+            sent = await vpp.send_schedule("connection_limits", week, resolution_s=60, start=now - now % 60)
+            ack = await vpp.wait_schedule_ack(sent["id"], timeout_s=10)
+            assert ack["status"] == "accepted", ack
+            await until(lambda: pv.power_kw <= 4.1, 5, "site capped at 4 kW by the week's schedule")
+            bad = week[:-1] + [{"import_limit_kw": -1.0, "export_limit_kw": 4.0}]
+            sent = await vpp.send_schedule("connection_limits", bad, resolution_s=60, start=now - now % 60)
+            ack = await vpp.wait_schedule_ack(sent["id"], timeout_s=10)
+            assert ack["status"] == "rejected" and ack["reason"].startswith("values[10079].import_limit_kw"), ack
+            assert not gateway.controller._tasks  # nothing left running
