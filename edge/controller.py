@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ TARGET_DEADBAND_KW = 0.001  # a change smaller than this is not re-sent to a dev
 RELEASE_SETTLE_CYCLES = 5  # a released device is taken to be back at its own power after this long
 RELEASE_SETTLE_MIN_S = 10.0
 SCHEDULE_ON_LOOP_BYTES = 64 * 1024  # larger schedules are structure-checked in a worker thread
+MAX_LARGE_SCHEDULES_IN_CHECK = 2  # more at once are refused "busy": the thread's queue stays short
 REFUSED_RETRY_CAP_S = 30.0  # a device that keeps refusing is asked again at most this far apart
 
 # Publishes a message on a spooled stream ("telemetry", "events") without blocking.
@@ -68,6 +70,7 @@ class ControlledAsset:
     # so that it is trusted again as soon as it accepts a command (docs/dispatch.md).
     refused_retry: Backoff = field(default_factory=lambda: Backoff(first_s=1.0, cap_s=REFUSED_RETRY_CAP_S))
     refused_retry_at_mono: float = 0.0
+    trusted_since_mono: float | None = None  # taking its targets again since (after a refusal)
 
 
 @dataclass
@@ -140,8 +143,12 @@ class Controller:
         self.validator = SetpointValidator(profile.control)
         self.intake_failures = 0  # inbound messages refused because validation itself failed (a bug)
         self._refused = RefusedBand()
-        self._step_soon: asyncio.Handle | None = None
+        self._step_soon: asyncio.TimerHandle | None = None
+        self._last_step_soon_mono = float("-inf")
+        self._stopped = False
         self._tasks: set[asyncio.Task] = set()  # large schedules being checked in a thread
+        # Its own single thread: large schedules wait for each other, not the spool's to_thread calls.
+        self._schedule_checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="schedule-check")
         self._meter = next((a for a in assets if a.connection_point), None)
         functions = profile.functions
         self.fcr = FcrDroop(functions.fcr) if functions and functions.fcr else None
@@ -202,7 +209,14 @@ class Controller:
         if len(raw) <= SCHEDULE_ON_LOOP_BYTES:
             self._judge_schedule(lambda: validator.structure(raw))
             return
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(_outcome, validator.structure, raw))
+        if len(self._tasks) >= MAX_LARGE_SCHEDULES_IN_CHECK or self._stopped:
+            def busy():
+                raise ScheduleRejected(None, f"busy: {len(self._tasks)} large schedules (over "
+                                             f"{SCHEDULE_ON_LOOP_BYTES // 1024} KiB) are being checked; send it again later")
+            self._judge_schedule(busy)
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(_in_thread(loop, self._schedule_checker, _outcome, validator.structure, raw))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda done: None if done.cancelled() else self._judge_schedule(done.result()))
@@ -256,13 +270,31 @@ class Controller:
 
     def step_soon(self) -> None:
         """Decide again on the next turn of the loop, not at the next tick: a device refused its
-        target, and its share must go to the others (or be reported) within the same cycle."""
-        if self._step_soon is None:
-            self._step_soon = asyncio.get_running_loop().call_soon(self._step_now)
+        target, and its share must go to the others (or be reported) within the same cycle.
+        At most one such extra step per quarter cycle, so refusals cannot chain steps."""
+        if self._stopped or self._step_soon is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay_s = max(0.0, self._last_step_soon_mono + self.profile.control.cycle_s / 4 - time.monotonic())
+        self._step_soon = loop.call_later(delay_s, self._step_now)
 
     def _step_now(self) -> None:
         self._step_soon = None
+        if self._stopped:
+            return
+        self._last_step_soon_mono = time.monotonic()
         self.step(time.time())
+
+    def stop(self) -> None:
+        """No command to any device from now on (the daemon releases them next): a refusal, a
+        setpoint, a schedule checked in a thread or a grid order arriving while it stops changes nothing."""
+        self._stopped = True
+        if self._step_soon is not None:
+            self._step_soon.cancel()
+            self._step_soon = None
+        for task in self._tasks:
+            task.cancel()
+        self._schedule_checker.shutdown(wait=False, cancel_futures=True)
 
     def _intake_bug(self, topic: str, error: Exception) -> str:
         """An unexpected failure while validating an inbound message: counted, logged, and the reason for its ack."""
@@ -539,6 +571,8 @@ class Controller:
         return sum(b.up_kw for b in bands), sum(b.down_kw for b in bands)
 
     def _write(self, allocation: Allocation, release: bool, readings: dict[str, AssetReading]) -> None:
+        if self._stopped:
+            return
         mono = time.monotonic()
         for asset in self.assets:
             if not asset.controllable or asset.kind == "meter":
@@ -548,15 +582,25 @@ class Controller:
                 target = target if asset.id in self._planned_kw else None
             if target is None and asset.id not in allocation.targets_kw and not release:
                 continue  # offline: nothing to command
-            retry = False
             if readings[asset.id].command_refused:
-                retry = target is not None and mono >= asset.refused_retry_at_mono
-                if retry:
+                # Only the paced retry goes out (its measured power moves with noise; a release may go
+                # at once): a device that refuses is not sent a new target every time it reads different.
+                asset.trusted_since_mono = None
+                send = target is None and asset.commanded_kw is not None
+                if target is not None and mono >= asset.refused_retry_at_mono:
                     asset.refused_retry_at_mono = mono + asset.refused_retry.next_delay()
-            elif asset.refused_retry.attempt:
-                asset.refused_retry.reset()
-                asset.refused_retry_at_mono = 0.0
-            if _changed(asset.commanded_kw, target) or retry:
+                    send = True
+            else:
+                if asset.refused_retry.attempt:
+                    # The backoff is forgotten only once the device has taken its targets for a while: one
+                    # that accepts holding its power but refuses its share is then asked ever less often.
+                    if asset.trusted_since_mono is None:
+                        asset.trusted_since_mono = mono
+                    elif mono - asset.trusted_since_mono >= REFUSED_RETRY_CAP_S:
+                        asset.refused_retry.reset()
+                        asset.refused_retry_at_mono = 0.0
+                send = _changed(asset.commanded_kw, target)
+            if send:
                 asset.commanded_kw = target
                 asset.driver.set_target_kw(target)
 
@@ -670,6 +714,8 @@ class Controller:
         return frozenset(running)
 
     def _write_reactive(self, share: ReactiveShare | None) -> None:
+        if self._stopped:
+            return
         for asset in self.assets:
             target = share.targets_kvar.get(asset.id) if share is not None else None
             if _changed(asset.commanded_kvar, target):
@@ -892,6 +938,10 @@ class Controller:
 def _volt_var_curve(config) -> VoltVarCurve:
     """The profile's Q(U) curve for an inverter: v_pu as % of its nominal voltage, q_pct of its VarMax."""
     return VoltVarCurve(tuple((point.v_pu * 100.0, point.q_pct) for point in config.curve), config.response_time_s)
+
+
+async def _in_thread(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, call, *args):
+    return await loop.run_in_executor(executor, call, *args)
 
 
 def _outcome(call: Callable[[bytes], Any], raw: bytes) -> Callable[[], Any]:

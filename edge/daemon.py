@@ -206,6 +206,8 @@ class Gateway:
             self.notifier.stopping()
             log.info("stopping: releasing devices")
             control_task.cancel()
+            if self.controller is not None:
+                self.controller.stop()  # nothing may command a device again after the release below
             for asset in self.assets:
                 if asset.commanded_kw is not None:
                     asset.driver.set_target_kw(None)

@@ -63,9 +63,14 @@ class InboundRejected(Exception):
         self.message_id = message_id
 
 
+# Control characters (C0, DEL, C1) escaped: a reason goes into a log line, and a sender must
+# not be able to start a forged line or drive a terminal with it.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
 def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` made encodable and cut to ``limit`` characters, saying how much was cut."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """``text`` made encodable, control characters escaped, cut to ``limit`` characters, saying how much was cut."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").translate(_CONTROL_ESCAPES)
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit} characters cut)"

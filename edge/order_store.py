@@ -52,6 +52,7 @@ from typing import Any, Callable
 
 from edge.asset import EventSink
 from edge.gridorders import GridOrders
+from edge.intake import InboundRejected, load_object
 
 __all__ = ["FORMAT_VERSION", "OrderStore", "OrderStoreError", "StoredOrders", "load_orders", "orders_path",
            "save_orders"]
@@ -59,6 +60,7 @@ __all__ = ["FORMAT_VERSION", "OrderStore", "OrderStoreError", "StoredOrders", "l
 log = logging.getLogger("flexedge.order_store")
 
 FORMAT_VERSION = 1
+MAX_FILE_BYTES = 64 * 1024  # the file is a few hundred bytes
 ORDER_FIELDS = ("export_limit_kw", "disconnected", "reactive_setpoint_kvar", "tan_phi")
 RETRY_S = 10.0  # a failed save (disk full, read-only remount) is tried again this often
 
@@ -101,7 +103,16 @@ def _base_source(source: str) -> str:
 
 
 def load_orders(path: Path) -> StoredOrders | None:
-    """The orders saved in ``path``; None when there is no file.  Blocking."""
+    """The orders saved in ``path``; None when there is no file.  Blocking.  Raises only OrderStoreError."""
+    try:
+        return _load_orders(path)
+    except OrderStoreError:
+        raise
+    except (ValueError, OverflowError, RecursionError, TypeError) as exc:  # whatever a damaged file holds
+        raise OrderStoreError(f"grid orders file {path}: unusable ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _load_orders(path: Path) -> StoredOrders | None:
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -109,11 +120,10 @@ def load_orders(path: Path) -> StoredOrders | None:
     except OSError as exc:
         raise OrderStoreError(f"grid orders file {path}: cannot read it: {exc.strerror or exc}") from None
     try:
-        document = json.loads(raw)
-    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
-        raise OrderStoreError(f"grid orders file {path}: not valid JSON (truncated or damaged?): {exc}") from None
-    if not isinstance(document, dict):
-        raise OrderStoreError(f"grid orders file {path}: expected a JSON object, got {type(document).__name__}")
+        # the same strict reading as a message from outside: no NaN, no huge integers, shallow
+        document = load_object(raw, MAX_FILE_BYTES)
+    except InboundRejected as exc:
+        raise OrderStoreError(f"grid orders file {path}: not usable JSON (truncated or damaged?): {exc.reason}") from None
     version = document.get("version")
     if version != FORMAT_VERSION:
         raise OrderStoreError(f"grid orders file {path}: format version {version!r}, "

@@ -315,6 +315,18 @@ def check_files(profile: Any) -> list[FileProblem]:
     if mqtt.password_env and mqtt.password_env not in os.environ:
         problems.append(FileProblem("uplink.mqtt.password_env", "environment variable", mqtt.password_env, "is not set",
                                     missing=True))
+    for index, asset in enumerate(profile.assets):
+        # A charger whose configured password cannot be had is refused (fail closed): say so first.
+        charger_file = getattr(asset, "password_file", None)
+        if charger_file is not None:
+            try:
+                read_password(charger_file, f"assets[{index}].password_file ({asset.id})")
+            except FileProblemError as error:
+                problems.append(error.problem)
+        charger_env = getattr(asset, "password_env", None)
+        if charger_env and charger_env not in os.environ:
+            problems.append(FileProblem(f"assets[{index}].password_env ({asset.id})", "environment variable",
+                                        charger_env, "is not set", missing=True))
     if mqtt.tls is not None:
         found = [
             problem

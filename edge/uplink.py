@@ -33,7 +33,7 @@ Public API::
 
     Uplink(profile, spool, on_setpoint, birth, emit_event=None, *, backoff_initial_s=0.5,
            backoff_max_s=5.0, connect_timeout_s=10.0, ack_timeout_s=20.0,
-           backlog_inflight=8, overflow_event_interval_s=60.0)
+           backlog_inflight=8, overflow_event_interval_s=60.0, refusal_retry_s=30.0)
     await uplink.run()                    # until cancelled or closed; never raises for network trouble
     seq = await uplink.publish(stream, payload)   # stream in SPOOLED_STREAMS; spool, then send
     uplink.publish_live(subtopic, payload) # QoS 1, not spooled, dropped while offline (setpoint/ack)
@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ _UNSUPPORTED_PROTOCOL_CODES = (1, 0x84)  # 3.1.1 "unacceptable protocol version"
 _BACKLOG_BATCH = 100
 _BACKLOG_RESCAN_S = 2.0  # safety net: also look for unsent rows this often while idle
 _STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the backoff
+REFUSAL_RETRY_S = 30.0  # a refused connection is tried again after 15-30 s
 _MAX_FAILURES_REMEMBERED = 32  # distinct failure texts kept for logging each once
 # CONNACK refusals that retrying will not cure: 3.1.1 codes 2, 4, 5; MQTT 5 reason codes
 _REFUSALS = {
@@ -145,6 +147,7 @@ class Uplink:
         overflow_event_interval_s: float = 60.0,
         on_message: dict[str, Callable[[bytes], None]] | None = None,
         on_repaired: Callable[[], None] | None = None,
+        refusal_retry_s: float = REFUSAL_RETRY_S,
     ):
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s, got {backoff_initial_s}, {backoff_max_s}")
@@ -161,6 +164,7 @@ class Uplink:
         self._birth = dict(birth)
         self._emit_event = emit_event
         self._on_repaired = on_repaired
+        self._refusal_retry_s = refusal_retry_s
         self.messages_repaired = 0  # messages we built that had to be repaired to encode (encode_payload_checked)
         # equal jitter: gateways cut off by the same outage must not all come back in the same instant
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
@@ -272,6 +276,10 @@ class Uplink:
                 if was_connected and time.monotonic() - self._connected_at >= _STABLE_CONNECTION_S:
                     self._backoff.reset()
                 delay_s = self._backoff.next_delay()
+                if _refusal_hint(error) is not None:
+                    # A refusal (credentials, certificate, a bad file) will not cure itself in seconds:
+                    # a fleet with a rotated password must not hammer its broker with TLS handshakes.
+                    delay_s = max(delay_s, self._refusal_retry_s * (0.5 + random.random() / 2))
                 self._log_failure(error, was_connected, delay_s)
                 await asyncio.sleep(delay_s)
         except asyncio.CancelledError:
@@ -354,7 +362,7 @@ class Uplink:
         else:
             # It will not fix itself, but the broker or the files may be put right: keep trying, quietly.
             LOG.error("%s: %s (%s); retrying every %g s at most, logged again only if it changes",
-                      where, text, hint, self._backoff.cap_s)
+                      where, text, hint, self._refusal_retry_s)
 
     def _credentials_and_tls(self) -> tuple[str | None, ssl.SSLContext | None]:
         """Blocking (reads files): run in a thread.  A missing or bad credential raises FileProblemError."""

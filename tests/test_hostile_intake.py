@@ -304,3 +304,16 @@ async def _flood(hostile: list[bytes], tmp_path, broker_port: int) -> None:
 @given(hostile=st.lists(hostile_setpoint() | hostile_schedule() | hostile_preferences(), min_size=300, max_size=300))
 def test_a_hostile_flood_is_answered_and_never_reaches_a_device(hostile, tmp_path, mosquitto):
     _flood_on_the_wire(hostile, tmp_path, mosquitto.port)
+
+
+def test_a_reason_cannot_forge_a_log_line():
+    raw = b'{"id":"x1","ts":1800000000,"valid_s":10,"activation_kw":1,"evil\\nCRITICAL forged \\u001b[2J":NaN}'
+    with pytest.raises(SetpointRejected) as caught:
+        SetpointValidator(Control()).validate(raw, NOW, band_up_kw=50.0, band_down_kw=50.0, in_force=None)
+    reason = caught.value.reason
+    assert "\n" not in reason and "\x1b" not in reason and "\\x0a" in reason, reason
+    schedule = (b'{"id":"s1","ts":1800000000,"kind":"connection_limits","start":1799999100,"resolution_s":900,'
+                b'"values":[{"x\\nforged":1}]}')
+    with pytest.raises(ScheduleRejected) as caught:
+        ScheduleValidator().validate(schedule, NOW, ScheduleBook())
+    assert "\n" not in caught.value.reason, caught.value.reason

@@ -276,6 +276,23 @@ async def test_unknown_charge_points_bad_credentials_and_wrong_versions_are_refu
             await events.wait("asset_online", "ev1")
 
 
+async def test_a_charger_whose_configured_password_cannot_be_read_is_refused(tmp_path, monkeypatch):
+    """Fail closed: an empty password file or an unset variable never lets a charger in without a password."""
+    monkeypatch.delenv("CP2_PASSWORD", raising=False)
+    (tmp_path / "cp1-password").write_text("")
+    events = Events()
+    cfg = server_cfg(tmp_path)
+    chargers = [charger(password_file=str(tmp_path / "cp1-password")),
+                charger("ev2", "CP2", password_env="CP2_PASSWORD")]
+    async with serving(cfg, chargers, events):
+        async with OcppSimulator(url(cfg), [StationSpec("CP1", "1.6"), StationSpec("CP2", "1.6", password="x")]) as sim:
+            await until(lambda: all("HTTP 401" in s.connect_errors for s in sim.stations), what="both refused")
+            failed = await events.wait("ocpp_auth_failed", "ev1")
+            assert "is empty" in failed["reason"]
+            assert "CP2_PASSWORD is not set" in (await events.wait("ocpp_auth_failed", "ev2"))["reason"]
+            assert not any(s.connections for s in sim.stations)
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
 

@@ -127,3 +127,106 @@ async def test_a_battery_refusing_with_a_negative_act_con_is_shared_out_then_an_
                             10 * MIXED_CYCLE_S, "incapacity ended")
         assert ended
         assert site.bess.commands[-1].accepted and site.bess.commands[-1].value > 5.0
+
+
+# ------------------------------------------------- the controller's pacing, with scripted devices
+
+
+class ScriptedBattery:
+    """A battery driver whose answers the test scripts: it refuses targets above ``accepts_up_to_kw``
+    and reads its power with noise; every target it is sent is recorded."""
+
+    def __init__(self, accepts_up_to_kw: float | None = None):
+        self.accepts_up_to_kw = accepts_up_to_kw
+        self.sent: list[float | None] = []
+        self.p_kw, self.refused, self.noise_kw = 0.0, False, 0.0
+
+    def reading(self):
+        from edge.asset import AssetReading
+
+        return AssetReading(online=True, p_kw=self.p_kw + self.noise_kw, p_min_kw=-10.0, p_max_kw=10.0,
+                            command_refused=self.refused)
+
+    def set_target_kw(self, target_kw):
+        self.sent.append(target_kw)
+        refused = (target_kw is not None and self.accepts_up_to_kw is not None
+                   and target_kw > self.accepts_up_to_kw + 1e-6)
+        self.refused = refused
+        if not refused and target_kw is not None:
+            self.p_kw = target_kw
+
+    def set_target_kvar(self, target_kvar):
+        pass
+
+
+def scripted_controller(tmp_path, *drivers):
+    from edge.controller import ControlledAsset, Controller
+    from edge.profile import Profile
+
+    profile = Profile.model_validate({
+        "site": {"id": SITE}, "control": {"cycle_s": 1.0},
+        "uplink": {"mqtt": {"host": "127.0.0.1", "port": 1883}, "spool": {"path": str(tmp_path / "s.sqlite")}},
+        "assets": [{"id": f"b{i}", "kind": "bess", "driver": "sunspec", "host": "127.0.0.1", "port": 1502 + i}
+                   for i in range(len(drivers))],
+    })
+    events: list[tuple[str, dict]] = []
+    assets = [ControlledAsset(f"b{i}", "bess", "sunspec", True, False, driver) for i, driver in enumerate(drivers)]
+    controller = Controller(profile, assets, lambda *a: None, lambda *a: None,
+                            lambda kind, asset_id, detail: events.append((kind, detail)))
+    return controller, events
+
+
+def _setpoint(activation_kw: float, index: int) -> bytes:
+    import json
+
+    from edge.setpoints import iso_time
+
+    return json.dumps({"id": f"sp-{index}", "ts": iso_time(time.time()), "valid_s": 60,
+                       "activation_kw": activation_kw}).encode()
+
+
+async def test_a_refusing_device_reading_with_noise_is_not_sent_a_target_every_cycle(tmp_path):
+    refusing, willing = ScriptedBattery(accepts_up_to_kw=-1.0), ScriptedBattery()
+    controller, _ = scripted_controller(tmp_path, refusing, willing)
+    controller.on_setpoint(_setpoint(6.0, 1))
+    for cycle in range(10):  # 10 cycles of a device whose reading moves by 50 W each time
+        refusing.noise_kw = 0.05 * (-1) ** cycle
+        controller.step(time.time())
+    assert refusing.refused
+    assert len(refusing.sent) <= 3, refusing.sent  # its share, then the paced hold retries (1 s apart at first)
+    assert willing.p_kw == pytest.approx(6.0, abs=0.1)
+
+
+async def test_a_device_that_holds_but_refuses_its_share_is_asked_ever_less_often(tmp_path):
+    from edge import controller as control
+
+    unit = ScriptedBattery(accepts_up_to_kw=2.0)  # an unreported local limit: 0 kW is fine, 3 kW is not
+    controller, events = scripted_controller(tmp_path, unit)
+    clock = [1000.0]
+    original = control.time.monotonic
+    control.time.monotonic = lambda: clock[0]
+    try:
+        controller.on_setpoint(_setpoint(3.0, 1))
+        for _ in range(120):  # two minutes at 1 s
+            clock[0] += 1.0
+            controller.step(time.time())
+    finally:
+        control.time.monotonic = original
+    refused_sends = [t for t in unit.sent if t is not None and t > 2.0]
+    # the full share again only after the growing backoff: 1, 2, 4, 8, 16, 30, 30 ... s, not every cycle
+    assert len(refused_sends) <= 10, unit.sent
+    started = [d for kind, d in events if kind == "incapacity" and d["state"] == "started"]
+    assert len(started) <= 10
+
+
+async def test_nothing_is_commanded_after_the_controller_stops(tmp_path):
+    unit = ScriptedBattery(accepts_up_to_kw=-1.0)
+    controller, _ = scripted_controller(tmp_path, unit)
+    controller.on_setpoint(_setpoint(3.0, 1))
+    controller.stop()
+    sent = len(unit.sent)
+    controller.step_soon()
+    await asyncio.sleep(0.3)
+    controller.on_setpoint(_setpoint(-3.0, 2))
+    controller.step(time.time())
+    assert len(unit.sent) == sent

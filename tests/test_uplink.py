@@ -29,7 +29,8 @@ from edge.uplink import Uplink
 REPO = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
 BIRTH = {"state": "online", "version": "0.1.0", "site_id": "demo", "assets": [{"id": "pv1", "kind": "pv", "driver": "sunspec"}]}
-FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.3, "connect_timeout_s": 3.0, "ack_timeout_s": 3.0}
+FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.3, "connect_timeout_s": 3.0, "ack_timeout_s": 3.0,
+        "refusal_retry_s": 0.3}
 
 
 def make_profile(port: int, site: str = "demo", backlog_msgs_per_s: float = 50, **mqtt) -> Profile:
@@ -625,6 +626,17 @@ async def test_a_refused_client_certificate_fails_fast_and_is_logged_once(tls_br
     await wait_for(lambda: len(repeats(caplog, mtls_port)) >= 3, "more attempts at the capped pace", 5)
     assert len(failures(caplog, mtls_port)) == 1  # the retries go on, quietly
     assert not uplink.connected
+
+
+async def test_a_refusal_is_retried_at_its_own_slower_pace(tls_broker, pki, start_uplink, caplog):
+    """A broker that refuses the certificate is not hammered at the outage pace (0.3 s here)."""
+    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    _, _, mtls_port = tls_broker
+    start_uplink(make_profile(mtls_port, site="nocert", tls={"ca_file": str(pki["ca.pem"])}), refusal_retry_s=2.0)
+    await wait_for(lambda: failures(caplog, mtls_port), "the refusal logged", 5)
+    await asyncio.sleep(3.0)
+    attempts = 1 + len(repeats(caplog, mtls_port))
+    assert attempts <= 4, attempts  # one every 1-2 s, not one every 0.3 s (about 10)
 
 
 @pytest.mark.parametrize("content", ["", "  \n\n"], ids=["empty", "whitespace"])

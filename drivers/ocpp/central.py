@@ -185,7 +185,13 @@ class OcppCentralSystem:
                 log.warning("refused unknown charge point %r from %s", shown, remote)
                 self.emit_event("ocpp_unknown_charge_point", None, {"charge_point_id": shown, "remote": remote})
             return self._refuse(connection, 404, "unknown charge point")
-        password = await asyncio.to_thread(session.charger.password)
+        try:
+            password = await asyncio.to_thread(session.charger.password)
+        except ValueError as error:  # configured but not to be had: fail closed
+            if self._worth_reporting("auth", cp_id):
+                log.error("refused charge point %s from %s: its %s", cp_id, remote, error)
+                session.emit("ocpp_auth_failed", {"remote": remote, "reason": f"gateway: {error}"})
+            return self._refuse(connection, 401, "invalid credentials")
         if password is not None and self.cfg.security_profile in (1, 2):
             why = _check_basic(request.headers, cp_id, password)
             if why:

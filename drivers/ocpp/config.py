@@ -143,10 +143,22 @@ class OcppCharger(AssetBase):
         return self.min_current_a * self.voltage_v * self.phases / 1000.0
 
     def password(self) -> str | None:
-        """The Basic auth password, read now; never logged.  None: no Basic auth for this charger."""
+        """The Basic auth password, read now; never logged.  None: no Basic auth for this charger.
+
+        A password that is configured but cannot be had (missing or empty file, unset variable)
+        raises ValueError naming the key and why: the central system then refuses the charger
+        rather than let anyone in under its id."""
         if self.password_file:
-            text = self.password_file.read_text() if self.password_file.exists() else ""
-            return text.splitlines()[0] if text else None
+            try:
+                lines = self.password_file.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"password_file {self.password_file}: cannot read it: {error}") from None
+            if not lines or not lines[0].strip():
+                raise ValueError(f"password_file {self.password_file} is empty")
+            return lines[0]
         if self.password_env:
-            return os.environ.get(self.password_env)
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ValueError(f"password_env: environment variable {self.password_env} is not set")
+            return value
         return None

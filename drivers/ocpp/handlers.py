@@ -180,6 +180,7 @@ class CentralPoint16(PrebuiltCalls, _ChargePoint16):
 
     @on("BootNotification")
     def on_boot(self, charge_point_vendor: str, charge_point_model: str, **extra):
+        self.ready.clear()  # a charger that boots again gets nothing until this answer is out
         self.session.on_boot({"vendor": charge_point_vendor, "model": charge_point_model,
                               "firmware": extra.get("firmware_version")})
         self.boot_status = "Accepted"
@@ -252,6 +253,7 @@ class CentralPoint201(PrebuiltCalls, _ChargePoint201):
 
     @on("BootNotification")
     def on_boot(self, charging_station: dict, reason: str, **extra):
+        self.ready.clear()  # a charger that boots again gets nothing until this answer is out
         self.session.on_boot({"vendor": charging_station.get("vendor_name"), "model": charging_station.get("model"),
                               "firmware": charging_station.get("firmware_version"), "reason": reason})
         self.boot_status = "Accepted"
