@@ -24,7 +24,7 @@ from edge.allocation import Allocation, AssetBand, allocate
 from edge.fcr import FcrDroop
 from edge.qu import QuDroop
 from edge.ev_sessions import EvSessions
-from edge.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator
+from edge.schedules import ScheduleBook, ScheduleDraft, ScheduleRejected, ScheduleValidator
 from edge.asset import AssetDriver, AssetReading, EventSink, VoltVarCurve
 from edge.backoff import Backoff
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
@@ -172,13 +172,10 @@ class Controller:
         now = time.time()
         band_up, band_down = self._band_now(now)
         try:
-            try:
-                setpoint = self.validator.validate(raw, now, band_up, band_down, self.state.setpoint)
-            except SetpointRejected:
-                raise
-            except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message, never applies it
-                raise SetpointRejected(None, self._intake_bug("setpoint", error)) from None
-        except SetpointRejected as rejection:
+            setpoint = self.validator.validate(raw, now, band_up, band_down, self.state.setpoint)
+        except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message too, never applies it
+            rejection = error if isinstance(error, SetpointRejected) else \
+                SetpointRejected(None, self._intake_bug("setpoint", error))
             log.warning("setpoint %s rejected: %s", rejection.setpoint_id or "(no id)", rejection.reason)
             self.publish_live(
                 "setpoint/ack",
@@ -203,44 +200,42 @@ class Controller:
         """Validate a schedule from the uplink, ack it, and put it in the book (docs/schedules.md).
 
         The structure of a large schedule (a week of 1-minute slots is about 0.1 s of CPU) is
-        checked in a worker thread, so the loop keeps its cadence; the rest, and the ack, on the loop.
+        checked on a thread of its own, so the loop keeps its cadence; the rest, and the ack, on the loop.
         """
-        validator = self.schedule_validator
-        if len(raw) <= SCHEDULE_ON_LOOP_BYTES:
-            self._judge_schedule(lambda: validator.structure(raw))
+        if len(raw) > SCHEDULE_ON_LOOP_BYTES:
+            if len(self._tasks) >= MAX_LARGE_SCHEDULES_IN_CHECK or self._stopped:
+                self._schedule_refused(ScheduleRejected(None, f"busy: {len(self._tasks)} large schedules (over "
+                                       f"{SCHEDULE_ON_LOOP_BYTES // 1024} KiB) are being checked; send it again later"))
+                return
+            task = asyncio.get_running_loop().create_task(self._on_large_schedule(raw))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
-        if len(self._tasks) >= MAX_LARGE_SCHEDULES_IN_CHECK or self._stopped:
-            def busy():
-                raise ScheduleRejected(None, f"busy: {len(self._tasks)} large schedules (over "
-                                             f"{SCHEDULE_ON_LOOP_BYTES // 1024} KiB) are being checked; send it again later")
-            self._judge_schedule(busy)
+        try:
+            draft = self.schedule_validator.structure(raw)
+        except Exception as error:  # noqa: BLE001 -- ScheduleRejected, or a validator bug: refused either way
+            self._schedule_refused(error)
             return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(_in_thread(loop, self._schedule_checker, _outcome, validator.structure, raw))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda done: None if done.cancelled() else self._judge_schedule(done.result()))
+        self._judge_schedule(draft)
 
-    def _judge_schedule(self, structure: Callable[[], Any]) -> None:
+    async def _on_large_schedule(self, raw: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            draft = await loop.run_in_executor(self._schedule_checker, self.schedule_validator.structure, raw)
+        except Exception as error:  # noqa: BLE001 -- ScheduleRejected, or a validator bug: refused either way
+            self._schedule_refused(error)
+            return
+        if not self._stopped:
+            self._judge_schedule(draft)
+
+    def _judge_schedule(self, draft: ScheduleDraft) -> None:
         now = time.time()
         try:
-            try:
-                schedule = self.schedule_validator.judge(structure(), now, self.schedules)
-            except ScheduleRejected:
-                raise
-            except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message, never applies it
-                raise ScheduleRejected(None, self._intake_bug("schedule", error)) from None
-        except ScheduleRejected as rejection:
-            log.warning("schedule %s rejected: %s", rejection.schedule_id or "(no id)", rejection.reason)
-            self.publish_live("schedule/ack", {"id": rejection.schedule_id, "status": "rejected",
-                                               "reason": rejection.reason, "ts": iso_time(now), "kind": None})
-            self.emit_event("schedule_rejected", None, {"id": rejection.schedule_id, "reason": rejection.reason})
-            return
-        if schedule.kind == "baseline" and schedule.asset_id not in {a.id for a in self.assets if a.controllable}:
-            reason = f"asset_id: no controllable asset {schedule.asset_id!r} on this site"
-            self.publish_live("schedule/ack", {"id": schedule.id, "status": "rejected", "reason": reason,
-                                               "ts": iso_time(now), "kind": schedule.kind})
-            self.emit_event("schedule_rejected", None, {"id": schedule.id, "reason": reason})
+            schedule = self.schedule_validator.judge(draft, now, self.schedules)
+            if schedule.kind == "baseline" and schedule.asset_id not in {a.id for a in self.assets if a.controllable}:
+                raise ScheduleRejected(schedule.id, f"asset_id: no controllable asset {schedule.asset_id!r} on this site")
+        except Exception as error:  # noqa: BLE001 -- ScheduleRejected, or a validator bug: refused either way
+            self._schedule_refused(error, draft.kind)
             return
         self.schedules.add(schedule)
         log.info("schedule %s (%s) accepted: %d slots of %d s from %s", schedule.id, schedule.kind,
@@ -248,6 +243,14 @@ class Controller:
         self.publish_live("schedule/ack", {"id": schedule.id, "status": "accepted", "reason": None,
                                            "ts": iso_time(now), "kind": schedule.kind})
         self.step(now)
+
+    def _schedule_refused(self, error: Exception, kind: str | None = None) -> None:
+        rejection = error if isinstance(error, ScheduleRejected) else \
+            ScheduleRejected(None, self._intake_bug("schedule", error))
+        log.warning("schedule %s rejected: %s", rejection.schedule_id or "(no id)", rejection.reason)
+        self.publish_live("schedule/ack", {"id": rejection.schedule_id, "status": "rejected",
+                                           "reason": rejection.reason, "ts": iso_time(time.time()), "kind": kind})
+        self.emit_event("schedule_rejected", None, {"id": rejection.schedule_id, "reason": rejection.reason})
 
     def on_ev_preferences(self, raw: bytes) -> None:
         """A driver's departure time and energy need for the EV at a charger (docs/schedules.md)."""
@@ -938,23 +941,6 @@ class Controller:
 def _volt_var_curve(config) -> VoltVarCurve:
     """The profile's Q(U) curve for an inverter: v_pu as % of its nominal voltage, q_pct of its VarMax."""
     return VoltVarCurve(tuple((point.v_pu * 100.0, point.q_pct) for point in config.curve), config.response_time_s)
-
-
-async def _in_thread(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, call, *args):
-    return await loop.run_in_executor(executor, call, *args)
-
-
-def _outcome(call: Callable[[bytes], Any], raw: bytes) -> Callable[[], Any]:
-    """Run ``call(raw)`` (in a worker thread) and hand back a callable that returns or raises its outcome."""
-    try:
-        result = call(raw)
-    except Exception as error:  # noqa: BLE001 -- re-raised on the loop, where it is judged
-        caught = error  # the except clause unbinds its own name when it ends
-
-        def fail():
-            raise caught
-        return fail
-    return lambda: result
 
 
 def _held_range(reading: AssetReading, p_min: float, p_max: float) -> tuple[float, float]:

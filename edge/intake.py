@@ -168,18 +168,30 @@ class _Suspect:
         return value
 
 
-def check_model(model: type[Model], payload: dict[str, Any], known_ok: bool = False) -> Model:
-    """Validate ``payload`` against ``model`` (strict); one short reason naming the first bad field.
+def load_message(raw: bytes, max_bytes: int, model: type[BaseModel]) -> dict[str, Any]:
+    """``load_object``, then the head every identified message shares: a well-formed ``id`` and
+    no field ``model`` does not know.  InboundRejected carries the id when it is well-formed."""
+    payload = load_object(raw, max_bytes)
+    try:
+        check_message_id(payload.get("id"))
+        check_known_fields(model, payload)
+    except InboundRejected as error:
+        raise InboundRejected(error.reason, readable_id(payload.get("id"))) from None
+    return payload
 
-    Unknown fields are reported by name (the first few, then a count) before pydantic
-    runs, so a payload of thousands of unknown keys costs one set difference.
-    """
-    if not known_ok:
-        unknown = [key for key in payload if key not in model.model_fields]
-        if unknown:
-            named = ", ".join(excerpt(key).strip("'") for key in sorted(unknown)[:MAX_UNKNOWN_NAMED])
-            more = f" and {len(unknown) - MAX_UNKNOWN_NAMED} more" if len(unknown) > MAX_UNKNOWN_NAMED else ""
-            raise InboundRejected(f"unknown field(s): {named}{more}")
+
+def check_known_fields(model: type[BaseModel], payload: dict[str, Any]) -> None:
+    """Unknown fields by name (the first few, then a count): thousands of them cost one pass."""
+    unknown = [key for key in payload if key not in model.model_fields]
+    if unknown:
+        named = ", ".join(excerpt(key).strip("'") for key in sorted(unknown)[:MAX_UNKNOWN_NAMED])
+        more = f" and {len(unknown) - MAX_UNKNOWN_NAMED} more" if len(unknown) > MAX_UNKNOWN_NAMED else ""
+        raise InboundRejected(f"unknown field(s): {named}{more}")
+
+
+def check_model(model: type[Model], payload: dict[str, Any]) -> Model:
+    """Validate ``payload`` against ``model`` (strict); one short reason naming the first bad field."""
+    check_known_fields(model, payload)
     try:
         return model.model_validate(payload, strict=True)
     except ValidationError as error:

@@ -46,14 +46,13 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 
 from pydantic import Field
 
-from edge.intake import InboundRejected, bounded, check_message_id, check_model, load_object, readable_id
+from edge.intake import InboundRejected, bounded, check_model, load_message
 from edge.messages import ScheduleMessage
 from edge.profile_types import Strict, _ranged
-from edge.setpoints import MAX_ID_LENGTH, SetpointRejected, parse_time
+from edge.setpoints import SetpointRejected, parse_time
 
 ScheduleKind = Literal["activation", "site_power", "connection_limits", "tariff", "baseline"]
 KINDS: tuple[str, ...] = ("activation", "site_power", "connection_limits", "tariff", "baseline")
-FIELDS = frozenset({"id", "ts", "kind", "start", "resolution_s", "values", "currency", "asset_id"})
 LIMIT_FIELDS = frozenset({"import_limit_kw", "export_limit_kw"})
 
 MIN_RESOLUTION_S = 60
@@ -243,16 +242,10 @@ class ScheduleValidator:
         """The checks that need neither the clock nor any state: safe to run in a worker thread
         for a large schedule (a week of 1-minute slots costs about 0.1 s of CPU)."""
         try:
-            payload = load_object(raw, MAX_SCHEDULE_BYTES)
+            payload = load_message(raw, MAX_SCHEDULE_BYTES, ScheduleMessage)
         except InboundRejected as error:
             raise ScheduleRejected(error.message_id, error.reason) from None
-        schedule_id = readable_id(payload.get("id"))
-        try:
-            check_message_id(payload.get("id"))
-            if set(payload) - FIELDS:
-                check_model(ScheduleMessage, payload)  # names the unknown fields, bounded
-        except InboundRejected as error:
-            raise ScheduleRejected(schedule_id, error.reason) from None
+        schedule_id = payload["id"]
 
         kind = payload.get("kind")
         if kind not in KINDS:
@@ -307,10 +300,9 @@ class ScheduleValidator:
         parsed = tuple(parse_value(value, f"values[{i}]", schedule_id) for i, value in enumerate(values))
         try:
             # The contract's model has the last word on structure (types, ranges, id forms).
-            check_model(ScheduleMessage, payload, known_ok=True)
+            check_model(ScheduleMessage, payload)
         except InboundRejected as error:
             raise ScheduleRejected(schedule_id, error.reason) from None
-        assert schedule_id is not None  # check_message_id passed
         return ScheduleDraft(schedule_id, kind, issued_at, start_s, resolution_s, parsed, span_s, currency, asset_id)
 
     def judge(self, draft: "ScheduleDraft", now_s: float, book: "ScheduleBook | None" = None) -> Schedule:

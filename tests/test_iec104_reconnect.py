@@ -24,6 +24,7 @@ from drivers.iec104 import Iec104Asset
 from drivers.iec104.driver import Iec104Driver
 from edge.backoff import Backoff
 from simulators.bess import BessSimulator, BessSpec
+from tests.conftest import DriverTask
 
 CYCLE_S = 0.5
 # A unit that accepts and at once closes crashes c104 2.2.1 now and then (its client sends
@@ -124,7 +125,7 @@ class WireProxy:
         return stream, seen
 
 
-class Driven:
+class Driven(DriverTask):
     """An IEC 104 driver task with its events and when each came (monotonic)."""
 
     def __init__(self, port: int, backoff: Backoff, **extra):
@@ -134,14 +135,6 @@ class Driven:
         self.events: list[tuple[float, str, dict]] = []
         self.driver = Iec104Driver(asset, CYCLE_S, lambda kind, _, detail: self.events.append((time.monotonic(), kind, detail)),
                                    backoff=backoff)
-
-    async def __aenter__(self) -> "Driven":
-        self.task = asyncio.create_task(self.driver.run())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.task.cancel()
-        await asyncio.wait_for(asyncio.gather(self.task, return_exceptions=True), 5)
 
     async def until(self, predicate, timeout_s: float = 3.0, what: str = "condition"):
         deadline = time.monotonic() + timeout_s
