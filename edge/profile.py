@@ -11,9 +11,10 @@ or less import).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     ConfigDict,
@@ -22,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from drivers.iec104.config import Iec104Asset
 from edge.deie_config import DeieConfig
@@ -201,6 +203,23 @@ class Serial(Strict):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
+    inter_frame_delay_ms: Annotated[float, _ranged(0.0, 1000.0)] | None = Field(
+        None, description="Silence on the line before each request (ms); default: Modbus RTU's 3.5 character "
+                          "times (1.75 ms above 19200 baud). The line uses the largest of its assets' values.",
+    )
+
+    # Serial settings every asset on one line must share (a second client cannot open the port).
+    LINE_KEYS: ClassVar[tuple[str, ...]] = ("baudrate", "bytesize", "parity", "stopbits")
+
+    @property
+    def inter_frame_s(self) -> float:
+        """The silent interval before each request: ``inter_frame_delay_ms``, else 3.5 characters."""
+        if self.inter_frame_delay_ms is not None:
+            return self.inter_frame_delay_ms / 1000.0
+        if self.baudrate > 19200:
+            return 0.00175  # the Modbus RTU spec's fixed t3.5 at high rates
+        bits = 1 + self.bytesize + (self.parity != "N") + self.stopbits  # start, data, parity, stop
+        return 3.5 * bits / self.baudrate
 
 
 class SunSpecAsset(AssetBase):
@@ -235,6 +254,46 @@ class SunSpecAsset(AssetBase):
         if self.soc_min_pct >= self.soc_max_pct:
             raise ValueError(f"soc_min_pct ({self.soc_min_pct:g}) must be below soc_max_pct ({self.soc_max_pct:g})")
         return self
+
+    @property
+    def link_key(self) -> tuple:
+        """The field link this asset is reached through: assets with equal keys share one
+        connection (drivers/sunspec/hub.py): ("tcp", host, port) or ("rtu", serial device)."""
+        if self.serial is not None:
+            return ("rtu", os.path.realpath(self.serial.port))  # /dev/serial/by-id/... names the same line
+        return ("tcp", self.host.strip().lower(), self.port)
+
+    def link_text(self) -> str:
+        return f"serial port {self.serial.port}" if self.serial is not None else f"{self.host}:{self.port}"
+
+
+def shared_link_problems(assets: list[Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Conflicts between SunSpec assets on one link, as (key path, message): serial settings
+    that differ on one serial line, and two assets with the same link and unit id."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    first_on_link: dict[tuple, int] = {}
+    unit_owner: dict[tuple, int] = {}
+    for index, asset in enumerate(assets):
+        if not isinstance(asset, SunSpecAsset):
+            continue
+        key = asset.link_key
+        first = first_on_link.setdefault(key, index)
+        if asset.serial is not None and first != index:
+            other = assets[first]
+            for name in Serial.LINE_KEYS:
+                mine, theirs = getattr(asset.serial, name), getattr(other.serial, name)
+                if mine != theirs:
+                    problems.append((("assets", index, "serial", name),
+                                     f"asset {asset.id!r} sets {name} {mine} on {asset.link_text()}, asset {other.id!r} "
+                                     f"(assets[{first}]) sets {theirs} on the same port: the assets of one serial "
+                                     f"line share one client and its settings ({', '.join(Serial.LINE_KEYS)})"))
+        owner = unit_owner.setdefault(key + (asset.unit_id,), index)
+        if owner != index:
+            problems.append((("assets", index, "unit_id"),
+                             f"asset {asset.id!r} and asset {assets[owner].id!r} (assets[{owner}]) both use unit id "
+                             f"{asset.unit_id} on {asset.link_text()}: each device on a shared link needs its own "
+                             f"unit id"))
+    return problems
 
 
 # Each driver package defines its own asset model on AssetBase (edge/profile_types.py).
@@ -277,6 +336,13 @@ class Profile(Strict):
             raise ValueError("at most one meter may be the connection point")
         if self.functions is not None:
             self.functions.check_sources(self.assets)
+        if problems := shared_link_problems(self.assets):
+            # every conflict at once, each at its own key
+            raise ValidationError.from_exception_data("Profile", [
+                InitErrorDetails(type=PydanticCustomError("shared_link", "{message}", {"message": message}), loc=loc,
+                                 input=None)
+                for loc, message in problems
+            ])
         return self
 
     @property

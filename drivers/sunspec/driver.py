@@ -90,7 +90,7 @@ class SunSpecDriver(AssetDriver):
         self._liveness_check_s = cycle_s / 8
         self.offline_after_s = 2.0 * cycle_s - self._liveness_check_s
         self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=30.0)
-        self.link = ModbusLink(asset)
+        self.link = ModbusLink(asset, on_link_down=self._link_down)  # shared per endpoint (drivers/sunspec/hub.py)
         self.model_map: ModelMap | None = None
         self.identity: dict[str, str] = {}
         self._wake = asyncio.Event()
@@ -245,6 +245,13 @@ class SunSpecDriver(AssetDriver):
         level = logging.WARNING if self._failures_logged == 0 else logging.DEBUG
         log.log(level, "%s: %s", self.asset_id, reason)
         self._failures_logged += 1
+
+    def _link_down(self, reason: str) -> None:
+        """The link (shared with the other assets on its endpoint) is lost: offline now, all together."""
+        self._last_error = reason
+        self._last_error_at = time.monotonic()
+        if self._online is not False:
+            self._set_online(False)
 
     async def _read(self, address: int, count: int) -> list[int]:
         registers = await self.link.read(address, count)
