@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from edge.asset import AssetDriver, EventSink
+from edge.cycle_clock import CycleClock
 
 DRIVER_MODULES = {
     "sunspec": "drivers.sunspec",
@@ -18,6 +19,7 @@ DRIVER_MODULES = {
 }
 
 
-def create_driver(asset: Any, cycle_s: float, emit_event: EventSink) -> AssetDriver:
+def create_driver(asset: Any, cycle_s: float, emit_event: EventSink, *, clock: CycleClock | None = None) -> AssetDriver:
+    """``clock`` is the site's cycle clock: a polled driver reads its device just before each tick."""
     module = importlib.import_module(DRIVER_MODULES[asset.driver])
-    return module.create(asset, cycle_s, emit_event)
+    return module.create(asset, cycle_s, emit_event, clock=clock)

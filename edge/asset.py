@@ -69,7 +69,8 @@ class AssetDriver(abc.ABC):
 
     @abc.abstractmethod
     async def run(self) -> None:
-        """Connect, poll every ``cycle_s``, write targets, reconnect on failure.
+        """Connect, poll once a cycle (a polled driver: when the site's cycle clock asks, just
+        before each control tick, edge/cycle_clock.py), write targets, reconnect on failure.
 
         Runs until cancelled.  It must not raise for device or network problems:
         it marks the reading offline (within two cycles of a device going

@@ -1,8 +1,11 @@
-"""The control cycle: read the latest asset states, decide, write, publish.
+"""The control cycle: take the process image, decide, write, publish.
 
-One cycle every ``control.cycle_s`` on the monotonic clock, scheduled as
-``t0 + k * cycle_s`` so it never drifts; a cycle that starts more than one
-period late skips the missed ticks and counts them.  A setpoint is applied the
+One cycle every ``control.cycle_s`` on the site's monotonic clock (edge/cycle_clock.py),
+at ``t0 + k * cycle_s`` so it never drifts; a cycle that starts more than one
+period late skips the missed ticks and counts them.  Polled devices are read just
+before each tick; at the tick every asset's reading is taken once (the process
+image), and the decision, the telemetry, the aggregates and the grid operator's
+reports of that cycle all come from that one snapshot.  A setpoint is applied the
 moment it is accepted (``on_setpoint``), not at the next tick; the tick
 re-evaluates it against fresh readings every cycle.
 
@@ -27,6 +30,7 @@ from edge.ev_sessions import EvSessions
 from edge.schedules import ScheduleBook, ScheduleDraft, ScheduleRejected, ScheduleValidator
 from edge.asset import AssetDriver, AssetReading, EventSink, VoltVarCurve
 from edge.backoff import Backoff
+from edge.cycle_clock import CycleClock
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
 from edge.health import CycleStats
 from edge.profile import Profile
@@ -129,6 +133,7 @@ class Controller:
         emit_event: EventSink,
         stats: CycleStats | None = None,
         on_cycle: Callable[[], None] | None = None,
+        clock: CycleClock | None = None,
     ):
         self.profile = profile
         self.assets = assets
@@ -137,6 +142,9 @@ class Controller:
         self.emit_event = emit_event
         self.stats = stats or CycleStats()
         self.on_cycle = on_cycle or (lambda: None)
+        self.clock = clock or CycleClock(profile.control.cycle_s)
+        # The cycle's snapshot of every asset's reading, taken at the tick (the process image).
+        self.process_image: dict[str, AssetReading] = {}
         self.state = ControlState()
         self.grid_orders: GridOrders = NO_ORDERS
         self.last_telemetry: dict[str, Any] | None = None
@@ -327,11 +335,11 @@ class Controller:
 
     async def run(self) -> None:
         cycle_s = self.profile.control.cycle_s
-        t0 = time.monotonic()
-        tick = 0
+        clock = self.clock
+        tick = clock.upcoming_tick() - 1
         while True:
             tick += 1
-            deadline = t0 + tick * cycle_s
+            deadline = clock.tick_at(tick)
             delay = deadline - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -343,19 +351,28 @@ class Controller:
                 self.stats.missed_cycles += missed
                 log.warning("control cycle %.0f ms late: %d cycle(s) skipped", lateness_s * 1000, missed)
             now = time.time()
-            self.step(now)
-            self.last_telemetry = self.telemetry(now)
+            image = self.process_image = self.take_image()
+            self.step(now, image)
+            self.last_telemetry = self.telemetry(now, image)
             self.publish("telemetry", self.last_telemetry)
             self.stats.record(duration_s=time.monotonic() - started, lateness_s=lateness_s)
             self.on_cycle()
 
-    def step(self, now: float) -> Allocation:
-        """Decide and write: the heart of the cycle, also run when a setpoint arrives."""
+    def take_image(self) -> dict[str, AssetReading]:
+        """Every asset's reading as it is now: one snapshot, taken once per tick."""
+        return {a.id: a.driver.reading() for a in self.assets}
+
+    def step(self, now: float, readings: dict[str, AssetReading] | None = None) -> Allocation:
+        """Decide and write: the heart of the cycle, also run when a setpoint arrives.
+
+        ``readings`` is the cycle's process image; outside the cycle (a setpoint, a grid
+        order) the newest readings are taken."""
         state = self.state
         mono = time.monotonic()
         dt = 0.0 if state.last_step_mono is None else max(0.0, mono - state.last_step_mono)
         state.last_step_mono = mono
-        readings = {a.id: a.driver.reading() for a in self.assets}
+        if readings is None:
+            readings = self.take_image()
         self._track_online(readings)
 
         self.schedules.expire(now)
@@ -820,9 +837,11 @@ class Controller:
 
     # ---------------------------------------------------------- telemetry
 
-    def telemetry(self, now: float) -> dict[str, Any]:
+    def telemetry(self, now: float, readings: dict[str, AssetReading] | None = None) -> dict[str, Any]:
+        """The cycle's message, from its process image (``readings``) and its decision."""
         allocation = self.state.allocation
-        readings = {a.id: a.driver.reading() for a in self.assets}
+        if readings is None:
+            readings = self.take_image()
         targets = allocation.targets_kw if allocation else {}
         assets_out: dict[str, Any] = {}
         sum_p = sum_q = 0.0
@@ -861,6 +880,7 @@ class Controller:
                 "band_gap_kw": [_round(v) for v in reading.p_gap_kw] if reading.p_gap_kw and asset.id in targets else None,
                 "soc_pct": _round(reading.soc_pct),
                 "q_setpoint_kvar": _round(q_target),
+                **_freshness(reading, now),
             }
             if asset.kind != "meter":
                 if reading.online and reading.p_kw is not None:
@@ -956,6 +976,14 @@ def _changed(previous: float | None, target: float | None) -> bool:
     if target is None or previous is None:
         return target is not previous
     return abs(target - previous) >= TARGET_DEADBAND_KW
+
+
+def _freshness(reading: AssetReading, now: float) -> dict[str, Any]:
+    """When the asset's values were measured, and how old they are at the tick."""
+    if not reading.online or not math.isfinite(reading.read_at):
+        return {"read_at": None, "age_ms": None}
+    read_at = min(reading.read_at, now)  # a device clock ahead of ours cannot make a value younger than 0
+    return {"read_at": iso_time(read_at), "age_ms": int(round((now - read_at) * 1000))}
 
 
 def _round(value: float | None) -> float | None:

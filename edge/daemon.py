@@ -22,6 +22,7 @@ from drivers import create_driver
 from edge import __version__
 from edge.aggregates import CONSUMPTION_INTERVAL_S, VALIDATION_INTERVAL_S, Aggregator
 from edge.controller import ControlledAsset, Controller
+from edge.cycle_clock import CycleClock
 from edge.gridorders import SOURCE_PERSISTED, GridOrders
 from edge.health import CycleStats
 from edge.order_store import OrderStore, OrderStoreError, StoredOrders, orders_path
@@ -52,12 +53,14 @@ class Gateway:
         self.outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.dropped_outbox = 0
         self.assets: list[ControlledAsset] = []
+        # One clock for the site: the control ticks, and the polls that land just before them.
+        self.clock = CycleClock(profile.control.cycle_s)
         if any(asset.driver == "ocpp" for asset in profile.assets):
             from drivers.ocpp import configure_site
 
             configure_site(profile.ocpp)  # the chargers share the site's one central system
         for asset in profile.assets:
-            driver = create_driver(asset, profile.control.cycle_s, self.emit_event)
+            driver = create_driver(asset, profile.control.cycle_s, self.emit_event, clock=self.clock)
             self.assets.append(
                 ControlledAsset(
                     id=asset.id,
@@ -168,12 +171,13 @@ class Gateway:
                              on_repaired=self.stats.count_repaired)
         self.controller = Controller(
             profile, self.assets, self._enqueue, self._publish_live, self.emit_event, self.stats,
-            on_cycle=self._after_cycle,
+            on_cycle=self._after_cycle, clock=self.clock,
         )
         tasks = [
             asyncio.create_task(self.uplink.run(), name="uplink"),
             asyncio.create_task(self._publisher(), name="publisher"),
             asyncio.create_task(self.stats.loop_lag.run(), name="loop-lag"),
+            asyncio.create_task(self._supervise("cycle clock", self.clock.run), name="cycle-clock"),
         ]
         if profile.grid.deie is not None:
             from edge.deie import DeieLink
@@ -251,10 +255,11 @@ class Gateway:
 
     def _aggregate(self, telemetry: dict[str, Any], site_voltage_v: float | None) -> None:
         """Feed the cycle's telemetry to the aggregator; queue the intervals it closed (spooled by the publisher)."""
+        image = self.controller.process_image  # the snapshot the cycle decided and reported from
         asset_voltages_v = {}
         for asset in self.assets:
-            reading = asset.driver.reading()  # the same snapshot telemetry() took: no await since
-            asset_voltages_v[asset.id] = reading.voltage_v if reading.online else None
+            reading = image.get(asset.id)
+            asset_voltages_v[asset.id] = reading.voltage_v if reading is not None and reading.online else None
         try:
             closed = self.aggregator.add(telemetry, site_voltage_v, asset_voltages_v, mono_s=time.monotonic())
         except Exception:  # noqa: BLE001 -- we run inside the control cycle: a bug here must not stop it
@@ -267,10 +272,11 @@ class Gateway:
 
     def _site_voltage_v(self) -> float | None:
         """The connection-point meter's voltage, else the first asset that measures one."""
+        image = self.controller.process_image
         ordered = sorted(self.assets, key=lambda a: not a.connection_point)
         for asset in ordered:
-            reading = asset.driver.reading()
-            if reading.online and reading.voltage_v is not None:
+            reading = image.get(asset.id)
+            if reading is not None and reading.online and reading.voltage_v is not None:
                 return reading.voltage_v
         return None
 

@@ -138,6 +138,13 @@ class AssetValues(Contract):
     q_setpoint_kvar: Kw = Field(
         description="Reactive power commanded to the asset (+ over-excited); null when none is (no Q order in force)."
     )
+    read_at: str | None = Field(
+        description="When the asset's values were measured (a polled device: the poll that answered; a device that "
+                    "reports by itself: its newest report), ISO 8601 UTC; null while it is offline."
+    )
+    age_ms: int | None = Field(
+        ge=0, description="How old the asset's values were at ts (ts - read_at), in ms; null while it is offline."
+    )
 
 
 class SiteValues(Contract):
@@ -229,7 +236,9 @@ class Telemetry(Contract):
     """`<prefix>/<site>/telemetry`: one per control cycle, spooled."""
 
     seq: int = Field(ge=1, description="Rises by one per message, across restarts.")
-    ts: str = Field(description="Measurement time, ISO 8601 UTC.")
+    ts: str = Field(description="The control cycle's tick, ISO 8601 UTC: when the gateway took every asset's "
+                                "newest reading (the process image) to decide and report; each asset's read_at says "
+                                "when its values were measured.")
     site_id: str
     cycle_s: float
     mode: Literal["setpoint", "schedule", "fallback", "idle"]

@@ -85,7 +85,8 @@ if TYPE_CHECKING:
 __all__ = ["Backoff", "Iec104Asset", "Iec104Driver", "PointSpec", "create", "load_template"]
 
 
-def create(asset: Iec104Asset, cycle_s: float, emit_event: EventSink) -> "Iec104Driver":
+def create(asset: Iec104Asset, cycle_s: float, emit_event: EventSink, *, clock=None) -> "Iec104Driver":
+    # The unit reports by itself (spontaneous and cyclic transmission): the site clock is not needed.
     # Imported here: the profile loads this package for its model, and
     # `flexedge check` has no business starting the IEC 104 stack.
     from drivers.iec104.driver import Iec104Driver
@@ -94,7 +95,7 @@ def create(asset: Iec104Asset, cycle_s: float, emit_event: EventSink) -> "Iec104
         raise ValueError(f"asset {asset.id!r}: driver is {asset.driver!r}, not 'iec104'")
     if not cycle_s > 0:
         raise ValueError(f"asset {asset.id!r}: cycle_s must be positive, got {cycle_s!r}")
-    return Iec104Driver(asset, cycle_s, emit_event)
+    return Iec104Driver(asset, cycle_s, emit_event, clock=clock)
 
 
 def __getattr__(name: str) -> Any:

@@ -44,6 +44,7 @@ import c104
 
 from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink
 from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
+from edge.cycle_clock import CycleClock
 
 from drivers.iec104 import apdu
 from drivers.iec104.config import Iec104Asset, PointSpec
@@ -99,14 +100,17 @@ def _pass_transmit_error(confirmation: asyncio.Future, transmit: asyncio.Future)
 
 
 class Iec104Driver(AssetDriver):
-    def __init__(self, asset: Iec104Asset, cycle_s: float, emit_event: EventSink, *, backoff: Backoff | None = None):
+    def __init__(self, asset: Iec104Asset, cycle_s: float, emit_event: EventSink, *, backoff: Backoff | None = None,
+                 clock: CycleClock | None = None):
         super().__init__(asset.id, cycle_s, emit_event)
         self.asset = asset
+        # Liveness is checked by the site clock's watchdog; a driver made on its own runs a clock of its own.
+        self.clock = clock if clock is not None else CycleClock(cycle_s)
+        self._own_clock = clock is None
         self.points = asset.point_map()
         self.endpoint = f"{asset.host}:{asset.port}/CA{asset.common_address}"
         self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=RECONNECT_CAP_S)
-        self._check_s = cycle_s / 8
-        self.offline_after_s = 2.0 * cycle_s - self._check_s
+        self.offline_after_s = 2.0 * cycle_s - cycle_s / 8  # checked eight times a cycle
         self.probe_after_s = cycle_s / 2
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: LoopInbox | None = None
@@ -128,6 +132,7 @@ class Iec104Driver(AssetDriver):
         self._gi_done = asyncio.Event()
         self._link_dead: str | None = None
         self._last_heard: float | None = None
+        self._watch_started = time.monotonic()
         self._last_probe = 0.0
         self._online: bool | None = None
         self._last_error = "not connected yet"
@@ -197,12 +202,16 @@ class Iec104Driver(AssetDriver):
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._inbox = LoopInbox.of(self._loop)
+        self._watch_started = time.monotonic()
+        self.clock.watch(self._check_liveness)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._watch_liveness(), name=f"iec104-{self.asset_id}-liveness")
+                if self._own_clock:
+                    group.create_task(self.clock.run(), name=f"iec104-{self.asset_id}-clock")
                 group.create_task(self._command_loop(), name=f"iec104-{self.asset_id}-commands")
                 await self._connection_loop()
         finally:
+            self.clock.unwatch(self._check_liveness)
             for probe in self._probes.values():
                 probe.cancel()
             await self._close_client()
@@ -406,32 +415,32 @@ class Iec104Driver(AssetDriver):
             if self._link_dead:
                 raise LinkDown(self._link_dead)
             self._state_changed.clear()
-            # A state change and a dead link (from _watch_liveness) both set the event: the timeout
+            # A state change and a dead link (from _check_liveness) both set the event: the timeout
             # is only a safety net, long so that 50 idle drivers do not wake the loop 400 times a second.
             try:
                 await asyncio.wait_for(self._state_changed.wait(), self.offline_after_s)
             except TimeoutError:
                 pass
 
-    async def _watch_liveness(self) -> None:
-        started = time.monotonic()
-        while True:
-            await asyncio.sleep(self._check_s)
-            now = time.monotonic()
-            if self._online:
-                silent_s = now - (self._last_heard or started)
-                if silent_s > self.offline_after_s:
+    def _check_liveness(self) -> None:
+        """Called by the site clock's watchdog, eight times a cycle."""
+        now = time.monotonic()
+        started = self._watch_started
+        if self._online:
+            silent_s = now - (self._last_heard or started)
+            if silent_s > self.offline_after_s:
+                if not self._link_dead:
                     self._link_dead = f"no frame from {self.endpoint} for {silent_s:.2f} s"
                     self._note_failure(self._link_dead)
-                    self._state_changed.set()
-                elif silent_s > self.probe_after_s and now - self._last_probe > self.probe_after_s:
-                    # A quiet unit is not a dead one: a read command draws an answer.
-                    signal = self._probe_signal()
-                    if signal is not None:
-                        self._last_probe = now
-                        self._probes[signal] = asyncio.ensure_future(self._read_probe(signal))
-            elif self._online is None and now - started > self.offline_after_s:
-                self._set_online(False, self._last_error)
+                self._state_changed.set()
+            elif silent_s > self.probe_after_s and now - self._last_probe > self.probe_after_s:
+                # A quiet unit is not a dead one: a read command draws an answer.
+                signal = self._probe_signal()
+                if signal is not None:
+                    self._last_probe = now
+                    self._probes[signal] = asyncio.ensure_future(self._read_probe(signal))
+        elif self._online is None and now - started > self.offline_after_s:
+            self._set_online(False, self._last_error)
 
     def _probe_signal(self) -> str | None:
         """A monitored signal with no read in flight, the measured power first."""

@@ -84,15 +84,16 @@ negated.
 from __future__ import annotations
 
 from edge.asset import EventSink
+from edge.cycle_clock import CycleClock
 
 from drivers.sunspec.driver import Backoff, SunSpecDriver
 
 __all__ = ["Backoff", "SunSpecDriver", "create"]
 
 
-def create(asset, cycle_s: float, emit_event: EventSink) -> SunSpecDriver:
+def create(asset, cycle_s: float, emit_event: EventSink, *, clock: CycleClock | None = None) -> SunSpecDriver:
     if asset.driver != "sunspec":
         raise ValueError(f"asset {asset.id!r}: driver is {asset.driver!r}, not 'sunspec'")
     if not cycle_s > 0:
         raise ValueError(f"asset {asset.id!r}: cycle_s must be positive, got {cycle_s!r}")
-    return SunSpecDriver(asset, cycle_s, emit_event)
+    return SunSpecDriver(asset, cycle_s, emit_event, clock=clock)

@@ -13,12 +13,12 @@ import logging
 import math
 import random
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink, VoltVarCurve
 from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
+from edge.cycle_clock import CycleClock
 
 from drivers.sunspec.codec import ModelBlock, ModelLayout, layout_for
 from drivers.sunspec.control import CommandError, build_writes, choose_path, choose_var_path
@@ -34,7 +34,7 @@ from drivers.sunspec.discovery import (
 )
 from drivers.sunspec.link import ILLEGAL_DATA_ADDRESS, DeviceRejected, LinkFailure, ModbusLink
 from drivers.sunspec import voltvar
-from drivers.sunspec.measure import build_reading, device_ratings as read_device_ratings
+from drivers.sunspec.measure import ReadingDecoder
 
 log = logging.getLogger("flexedge.drivers.sunspec")
 
@@ -77,18 +77,23 @@ class _Setting:
         return self.target is not None or self.release_unconfirmed or self.pending
 
 
-def poll_phase(asset_id: str) -> float:
-    """A stable fraction of the cycle in [0.1, 1.1) for this asset's polls."""
-    return 0.1 + (zlib.crc32(asset_id.encode()) % 1000) / 1000.0
-
-
 class SunSpecDriver(AssetDriver):
-    def __init__(self, asset, cycle_s: float, emit_event: EventSink, *, backoff: Backoff | None = None):
+    def __init__(self, asset, cycle_s: float, emit_event: EventSink, *, backoff: Backoff | None = None,
+                 clock: CycleClock | None = None):
         super().__init__(asset.id, cycle_s, emit_event)
         self.asset = asset
-        # Checked every cycle/8, so the verdict comes at most two cycles after the last answer.
-        self._liveness_check_s = cycle_s / 8
-        self.offline_after_s = 2.0 * cycle_s - self._liveness_check_s
+        # The site's clock wakes this driver to poll just before each control tick; a driver
+        # made on its own (a test, a tool) runs a clock of its own.
+        self.clock = clock if clock is not None else CycleClock(cycle_s)
+        self._own_clock = clock is None
+        self._slot = self.clock.join(self._poll_due, self._check_liveness)
+        self._poll_for: int | None = None  # the tick the clock asked a poll for, not yet done
+        # A power command went out after the poll for the coming tick: read the device again at
+        # this moment (monotonic), as late before the tick as the polls are, to see it obey.
+        self._reread_at: float | None = None
+        # Checked by the clock's watchdog (eight times a cycle) and whenever the reading is
+        # taken, so the verdict comes at most two cycles after the last answer.
+        self.offline_after_s = 2.0 * cycle_s - cycle_s / 8
         self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=30.0)
         self.link = ModbusLink(asset, on_link_down=self._link_down)  # shared per endpoint (drivers/sunspec/hub.py)
         self.model_map: ModelMap | None = None
@@ -169,6 +174,7 @@ class SunSpecDriver(AssetDriver):
         return self._device_ratings
 
     def reading(self) -> AssetReading:
+        self._check_liveness()
         if not self._online:
             return AssetReading(online=False, detail=self._last_error, read_at=time.time())
         reading = self._reading
@@ -203,8 +209,11 @@ class SunSpecDriver(AssetDriver):
     async def run(self) -> None:
         self._started = time.monotonic()
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._watch_liveness(), name=f"sunspec-{self.asset_id}-liveness")
+            if self._own_clock:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.clock.run(), name=f"sunspec-{self.asset_id}-clock")
+                    await self._connection_loop()
+            else:
                 await self._connection_loop()
         finally:
             self.link.close()
@@ -225,6 +234,7 @@ class SunSpecDriver(AssetDriver):
                     await self._write_volt_var()
                 self.backoff.reset()
                 self._failures_logged = 0
+                self._poll_for = self._reread_at = None  # just read: the clock's next call is the next poll
                 await self._serve()
             except MapChanged as change:
                 log.warning("%s: model map changed (%s); rescanning", self.asset_id, change)
@@ -258,15 +268,19 @@ class SunSpecDriver(AssetDriver):
         self._last_answer = time.monotonic()
         return registers
 
-    async def _watch_liveness(self) -> None:
-        while True:
-            await asyncio.sleep(self._liveness_check_s)
-            since = self._last_answer if self._last_answer is not None else self._started
-            silent_s = time.monotonic() - since
-            if silent_s > self.offline_after_s and self._online is not False:
-                if self._last_error_at is None or self._last_error_at < since:
-                    self._last_error = f"no answer for {silent_s:.2f} s"
-                self._set_online(False)
+    def _check_liveness(self) -> None:
+        if self._online is False:
+            return
+        since = self._last_answer if self._last_answer is not None else self._started
+        silent_s = time.monotonic() - since
+        if silent_s > self.offline_after_s:
+            if self._last_error_at is None or self._last_error_at < since:
+                self._last_error = f"no answer for {silent_s:.2f} s"
+            self._set_online(False)
+
+    def _poll_due(self, tick: int) -> None:
+        self._poll_for = tick
+        self._wake.set()
 
     def _set_online(self, online: bool) -> None:
         self._online = online
@@ -296,8 +310,10 @@ class SunSpecDriver(AssetDriver):
         previous = self.model_map
         if previous is not None and previous == new_map:
             return False
-        self.model_map = new_map
+        # The map is taken only once everything below is done: a read of the identity that fails
+        # leaves the previous map, so the next discovery plans again instead of finding "no change".
         self.identity = await self._read_identity(new_map)
+        self.model_map = new_map
         self._layouts = {}
         wanted = POLLED_MODELS[self.asset.kind]
         for model_id in wanted:
@@ -312,6 +328,7 @@ class SunSpecDriver(AssetDriver):
             blocks.append((new_map.end_address, 2))
         self._plan = plan_reads(blocks)
         self._blocks = {}
+        self._compile_poll(new_map)
         detail: dict[str, Any] = {
             "base_address": new_map.base_address,
             "model_ids": new_map.model_ids,
@@ -332,6 +349,36 @@ class SunSpecDriver(AssetDriver):
             self._emit("models_changed", detail)
         return True
 
+    def _compile_poll(self, model_map: ModelMap) -> None:
+        """Resolve once per map what every poll needs: where each model and the end marker sit
+        in the registers the plan's reads return (one list, the reads in order), the decoder of
+        the reading, and (at the first poll) the control paths."""
+        starts: list[tuple[int, int]] = []  # (address of a read, index of its first register in the list)
+        index = 0
+        for span in self._plan:
+            starts.append((span.address, index))
+            index += span.count
+
+        def index_of(address: int) -> int:
+            # A model lies inside one run of adjacent reads (plan_reads merges whole blocks), so its
+            # registers follow each other in the list.
+            span_address, span_index = max((s for s in starts if s[0] <= address), key=lambda s: s[0])
+            return span_index + address - span_address
+
+        self._poll_models = tuple((model_id, entry, index_of(entry.address))
+                                  for model_id, (entry, _) in self._layouts.items())
+        self._end_index = index_of(model_map.end_address) if model_map.end_marker else None
+        self._decoder = ReadingDecoder(
+            self.asset, {model_id: (self._layouts[model_id][1], start) for model_id, _, start in self._poll_models})
+        # choose_path and choose_var_path look only at which points the models have (their layouts):
+        # chosen at the first poll of a map, they hold until the next.
+        self._paths: tuple[tuple[_Setting, str | None], ...] | None = None
+        # 705's curves are laid out again only when its NCrv or NPt registers change.
+        layout = self._layouts[voltvar.MODEL][1] if voltvar.MODEL in self._layouts else None
+        self._curve_count_spans = () if layout is None else tuple(
+            (spec.offset, spec.offset + spec.size) for name in ("NCrv", "NPt") if (spec := layout.points.get(name)))
+        self._curve_counts_seen: list[list[int]] | None = None
+
     async def _read_identity(self, model_map: ModelMap) -> dict[str, str]:
         entry = model_map.first([COMMON_MODEL])
         layout = layout_for(COMMON_MODEL, entry.length) if entry else None
@@ -347,35 +394,42 @@ class SunSpecDriver(AssetDriver):
     # ------------------------------------------------------------- polling
 
     async def _serve(self) -> None:
-        # Each asset polls at its own phase of the cycle (stable per asset id), so
-        # that a site's devices are not all read in one burst: a burst delays the
-        # loop, and with it a setpoint arriving at that moment.
-        next_poll = time.monotonic() + self.cycle_s * poll_phase(self.asset_id)
+        # Polls come when the site's clock asks (just before each control tick, in the
+        # asset's phase group); commands go out the moment they are set.
         while True:
             for setting in self._settings:
                 if setting.pending:
                     await self._write(setting)
             if self._volt_var_pending:
                 await self._write_volt_var()
-            if time.monotonic() >= next_poll:
-                if time.monotonic() >= self._next_rescan and await self._discover():
+            if self._reread_at is not None and time.monotonic() >= self._reread_at:
+                # A power command went out after this cycle's poll: read the device again, so
+                # the coming tick (its telemetry, the DEIE's report) shows what it did.
+                self._reread_at = None
+                await self._poll()
+                continue
+            if self._poll_for is not None:
+                tick, self._poll_for = self._poll_for, None
+                woken = time.monotonic()
+                if woken >= self._next_rescan and await self._discover():
                     log.warning("%s: model map changed (periodic rescan)", self.asset_id)
                 await self._poll()
+                self.clock.poll_done(self._slot, tick, time.monotonic() - woken)
                 for setting in self._settings:
                     if (setting.release_unconfirmed or setting.target is not None) and self._refresh_due(setting):
                         await self._write(setting, refresh=True)
                 if self._volt_var is not None and not self.volt_var_in_force \
                         and time.monotonic() - self._volt_var_tried >= VOLT_VAR_RETRY_S:
                     await self._write_volt_var()
-                next_poll += self.cycle_s
-                if next_poll <= time.monotonic():  # fell behind: do not burst to catch up
-                    next_poll = time.monotonic() + self.cycle_s
                 continue
             self._wake.clear()
             if any(setting.pending for setting in self._settings) or self._volt_var_pending:
                 continue
+            if self._reread_at is None:
+                await self._wake.wait()
+                continue
             try:
-                async with asyncio.timeout(max(0.0, next_poll - time.monotonic())):
+                async with asyncio.timeout(max(0.0, self._reread_at - time.monotonic())):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -383,7 +437,7 @@ class SunSpecDriver(AssetDriver):
     async def _poll(self) -> None:
         model_map = self.model_map
         assert model_map is not None
-        image: dict[int, int] = {}
+        regs: list[int] = []  # the plan's reads end to end (positions resolved by _compile_poll)
         for span in self._plan:
             try:
                 registers = await self._read(span.address, span.count)
@@ -394,34 +448,46 @@ class SunSpecDriver(AssetDriver):
                 self._poll_problem = f"poll refused: {error}"
                 self._report_degraded()
                 return
-            image.update(zip(range(span.address, span.end), registers))
-        for model_id, (entry, _) in self._layouts.items():
-            header = (image[entry.address], image[entry.address + 1])
-            if header != (entry.model_id, entry.length):
+            if len(registers) != span.count:  # the link checks this; every position below depends on it
+                raise LinkFailure(f"read {span.count} registers at {span.address}: got {len(registers)} registers")
+            regs += registers
+        for model_id, entry, start in self._poll_models:
+            if regs[start] != entry.model_id or regs[start + 1] != entry.length:
+                header = (regs[start], regs[start + 1])
                 raise MapChanged(f"model {model_id} header at {entry.address} now reads {header}")
-        if model_map.end_marker and image[model_map.end_address] != END_MODEL_ID:
-            raise MapChanged(f"end marker at {model_map.end_address} now reads {image[model_map.end_address]:#06x}")
+        if self._end_index is not None and regs[self._end_index] != END_MODEL_ID:
+            raise MapChanged(f"end marker at {model_map.end_address} now reads {regs[self._end_index]:#06x}")
+        layouts = self._layouts
         self._blocks = {
-            model_id: ModelBlock(layout, [image[a] for a in range(entry.address, entry.end)], entry.address)
-            for model_id, (entry, layout) in self._layouts.items()
+            model_id: ModelBlock(layouts[model_id][1], regs[start:start + entry.length + 2], entry.address)
+            for model_id, entry, start in self._poll_models
         }
         self._lay_out_curves()
-        for setting, path in ((self._active, choose_path(self.asset.kind, self._blocks)),
-                              (self._reactive, choose_var_path(self.asset.kind, self._blocks))):
+        if self._paths is None:
+            self._paths = ((self._active, choose_path(self.asset.kind, self._blocks)),
+                           (self._reactive, choose_var_path(self.asset.kind, self._blocks)))
+        for setting, path in self._paths:
             if path != setting.path:
                 log.info("%s: %s control through %s", self.asset_id, setting.what, path or "nothing")
                 setting.path = path
         self._poll_problem = None
-        self._reading = build_reading(self.asset, self._blocks, self._active.path, time.time(), self._reactive.path)
-        self._device_ratings = read_device_ratings(self.asset.kind, self._blocks)
+        self._reading, self._device_ratings = self._decoder.decode(
+            regs, self._active.path, time.time(), self._reactive.path)
         if self._online is not True:
             self._set_online(True)
         self._report_degraded()
 
     def _lay_out_curves(self) -> None:
-        """Model 705's curves: their layout depends on NCrv and NPt, read from the device."""
+        """Model 705's curves: their layout depends on NCrv and NPt, read from the device
+        (looked at again only when their registers change: the same registers lay out the same)."""
         block = self._blocks.get(voltvar.MODEL)
-        counts = voltvar.curve_counts(block) if block is not None else None
+        if block is None:
+            return
+        seen = [block.registers[start:end] for start, end in self._curve_count_spans]
+        if seen == self._curve_counts_seen:
+            return
+        self._curve_counts_seen = seen
+        counts = voltvar.curve_counts(block)
         if counts is None or block.has(f"Crv[{counts['NCrv']}].Pt[{counts['NPt']}].Var"):
             return
         entry = self._layouts[voltvar.MODEL][0]
@@ -491,6 +557,9 @@ class SunSpecDriver(AssetDriver):
                 "; ".join(map(str, writes)),
             )
         setting.release_unconfirmed = False
+        if not refresh and self.clock.polled_for_upcoming(self._slot):
+            clock = self.clock
+            self._reread_at = max(time.monotonic(), clock.tick_at(clock.upcoming_tick()) - clock.guard_s)
         if refresh or any(label.endswith("RvrtTms") for write in writes for label in write.points):
             setting.last_written = time.monotonic()  # only a write with the timer restarts it everywhere
         setting.refusals = 0
