@@ -117,7 +117,7 @@ class AssetDriver(abc.ABC):
 
         Never blocks: what the driver last read (empty until the device has told).  The
         daemon compares them with the profile every cycle and reports a disagreement once
-        (``rating_mismatch``, edge/ratings.py); the lower figure is the one the driver uses
+        (``rating_mismatch``, edge/control/ratings.py); the lower figure is the one the driver uses
         (docs/dispatch.md, "Ratings").  A driver that reads none keeps this default.
         """
         return {}

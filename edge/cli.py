@@ -16,7 +16,7 @@ EXIT_FILES_UNUSABLE = 3  # the profile is valid, but a file or folder it names c
 
 
 def _load_or_report(path: str):
-    from edge.profile import ProfileError, load_profile
+    from edge.config.profile import ProfileError, load_profile
 
     try:
         return load_profile(path)
@@ -108,7 +108,7 @@ def _kw(value) -> str:
 
 
 def machine_warnings(profile) -> list[str]:
-    """What the profile names that is missing on this machine, beyond edge.preflight's
+    """What the profile names that is missing on this machine, beyond edge.config.preflight's
     checks: warnings, since a profile is often checked on a laptop before it reaches the site."""
     warnings = []
     if profile.ocpp is not None and not Path(profile.ocpp.id_tag_salt_file).parent.is_dir():
@@ -122,7 +122,7 @@ def machine_warnings(profile) -> list[str]:
 
 
 def cmd_check(args) -> int:
-    from edge.preflight import check_files
+    from edge.config.preflight import check_files
 
     profile = _load_or_report(args.profile)
     if profile is None:
@@ -145,14 +145,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from edge.profile import json_schema
+    from edge.config.profile import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return EXIT_OK
 
 
 def cmd_run(args) -> int:
-    from edge.logs import setup_logging
+    from edge.runtime.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level)
     profile = _load_or_report(args.profile)
@@ -160,8 +160,8 @@ def cmd_run(args) -> int:
         return EXIT_PROFILE_INVALID
     import logging
 
-    from edge.preflight import check_files
-    from edge.spool import SpoolError
+    from edge.config.preflight import check_files
+    from edge.uplink.spool import SpoolError
 
     log = logging.getLogger("flexedge.cli")
     # Before anything starts (no loop yet): one record naming the path and the cause,
@@ -170,7 +170,7 @@ def cmd_run(args) -> int:
     if problems:
         log.error("cannot start: %s", "; ".join(str(problem) for problem in problems))
         return EXIT_FILES_UNUSABLE
-    from edge.daemon import run_gateway
+    from edge.runtime.daemon import run_gateway
 
     try:
         asyncio.run(run_gateway(profile))
@@ -182,7 +182,7 @@ def cmd_run(args) -> int:
 
 def cmd_demo(args) -> int:
     from edge.demo import run_demo
-    from edge.logs import setup_logging
+    from edge.runtime.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level if args.log_level != "info" else "warning")
     return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir,

@@ -26,7 +26,7 @@ Public API
 
 ``DeieLink.restore(orders, link_loss_default=False)``
     Before ``run()``: put orders persisted before a restart in force (source
-    ``"persisted"``, see ``edge/order_store.py``), as the status points report them.
+    ``"persisted"``, see ``edge/control/order_store.py``), as the status points report them.
 ``DeieLink.assume_link_lost()``
     Before ``run()``: the orders before the restart are unknown (unreadable
     file): apply ``on_link_loss`` now rather than after ``link_loss_timeout_s``.

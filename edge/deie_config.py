@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from edge.profile_types import Port, PositiveKw, Strict, _ranged
+from edge.config.types import Port, PositiveKw, Strict, _ranged
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "profiles" / "templates"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.demo_sites import DEFAULT_DEIE_SCRIPT, SimulatedSite, play_deie
-from edge.profile import Profile, ProfileError, load_profile
+from edge.config.profile import Profile, ProfileError, load_profile
 
 log = logging.getLogger("flexedge.demo")
 
@@ -219,7 +219,7 @@ def _describe_deie(script: str, limit_unit: str) -> str:
 
 async def run_demo(profile_path: Path, duration_s: float | None = None, workdir: str | None = None,
                    broker_choice: str = "auto", deie_script: str | None = None) -> int:
-    from edge.daemon import Gateway
+    from edge.runtime.daemon import Gateway
     from simulators.vpp import StepsPattern, VppSimulator
 
     try:

@@ -20,7 +20,7 @@ import contextlib
 import time
 from typing import Any, Callable
 
-from edge.profile import Profile
+from edge.config.profile import Profile
 
 # How the demo's devices behave (what a real site's devices would decide).
 DEMO_DEVICES: dict[str, dict[str, Any]] = {

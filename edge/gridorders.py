@@ -39,7 +39,7 @@ class GridOrders:
 
 
 NO_ORDERS = GridOrders()
-# Orders restored at start-up from before a restart (edge/order_store.py), until the
+# Orders restored at start-up from before a restart (edge/control/order_store.py), until the
 # operator's next order, lift or (client role) the DEIE's general interrogation replaces them.
 SOURCE_PERSISTED = "persisted"
 

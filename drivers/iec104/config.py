@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from edge.profile_types import AssetBase, Port, PositiveKw, Percent, Strict, _ranged
+from edge.config.types import AssetBase, Port, PositiveKw, Percent, Strict, _ranged
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "profiles" / "templates"
 

@@ -10,7 +10,7 @@ in docs/drivers/sunspec.md.
 Public API
 ----------
 
-``create(asset: edge.profile.SunSpecAsset, cycle_s: float, emit_event: edge.asset.EventSink) -> SunSpecDriver``
+``create(asset: edge.config.profile.SunSpecAsset, cycle_s: float, emit_event: edge.asset.EventSink) -> SunSpecDriver``
     Build the driver (nothing is opened until ``run()``).
 
 ``class SunSpecDriver(edge.asset.AssetDriver)``

@@ -1,8 +1,8 @@
 """Smart charging in the control cycle: a charging plan for every EV plugged in.
 
 A session starts when a charger reports an EV (its band reaches below 0) and
-ends when the EV leaves.  Each session is planned with ``edge.ev_planner``
-against the tariff schedule (``edge.schedules``): at the start, at every
+ends when the EV leaves.  Each session is planned with ``edge.control.ev_planner``
+against the tariff schedule (``edge.control.schedules``): at the start, at every
 quarter hour, and when the driver's preferences or the tariffs change.  The
 plan's power for the current slot becomes the charger's baseline: the
 controller commands it even when no activation is in force, and an FRR
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edge.asset import AssetReading, EventSink
-from edge.intake import InboundRejected, bounded, check_model, excerpt, load_object
-from edge.messages import EvPreferencesMessage
-from edge.profile_types import ID_PATTERN
-from edge.ev_planner import (
+from edge.uplink.intake import InboundRejected, bounded, check_model, excerpt, load_object
+from edge.uplink.messages import EvPreferencesMessage
+from edge.config.types import ID_PATTERN
+from edge.control.ev_planner import (
     SLOT_S,
     ChargingPlan,
     EvDefaults,
@@ -35,8 +35,8 @@ from edge.ev_planner import (
     planning_slots,
     session_needs,
 )
-from edge.schedules import ScheduleBook, on_grid, time_weighted_mean
-from edge.setpoints import iso_time
+from edge.control.schedules import ScheduleBook, on_grid, time_weighted_mean
+from edge.control.setpoints import iso_time
 
 log = logging.getLogger("flexedge.ev")
 

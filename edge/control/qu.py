@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from edge.functions_config import QuConfig
+from edge.config.functions import QuConfig
 
 # Outside this range (per unit of nominal) a "voltage" is a measurement fault, not a grid state.
 PLAUSIBLE_PU = (0.5, 1.5)

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping
 
-from edge.setpoints import iso_time
+from edge.control.setpoints import iso_time
 
 __all__ = [
     "Aggregator",

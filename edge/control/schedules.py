@@ -14,9 +14,9 @@ per slot, of one ``kind``:
   per slot (magnitudes, >= 0), or null; they only ever tighten the profile's limits;
 - ``tariff``: price per kWh in ``currency`` per slot (negative prices allowed).
 
-Validation follows edge/setpoints.py: a schedule is accepted only when every
+Validation follows edge/control/setpoints.py: a schedule is accepted only when every
 check passes, otherwise ``ScheduleRejected`` carries a reason that names the
-field.  Times are parsed by ``edge.setpoints.parse_time``.
+field.  Times are parsed by ``edge.control.setpoints.parse_time``.
 
 Replacement, exactly: within one kind, at every instant the schedule with the
 latest ``ts`` that covers that instant decides (equal ``ts``: the one received
@@ -46,10 +46,10 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 
 from pydantic import Field
 
-from edge.intake import InboundRejected, bounded, check_model, load_message
-from edge.messages import ScheduleMessage
-from edge.profile_types import Strict, _ranged
-from edge.setpoints import SetpointRejected, parse_time
+from edge.uplink.intake import InboundRejected, bounded, check_model, load_message
+from edge.uplink.messages import ScheduleMessage
+from edge.config.types import Strict, _ranged
+from edge.control.setpoints import SetpointRejected, parse_time
 
 ScheduleKind = Literal["activation", "site_power", "connection_limits", "tariff", "baseline"]
 KINDS: tuple[str, ...] = ("activation", "site_power", "connection_limits", "tariff", "baseline")

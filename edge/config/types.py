@@ -1,8 +1,8 @@
-"""Building blocks of the site profile, shared by edge/profile.py and every
+"""Building blocks of the site profile, shared by edge/config/profile.py and every
 driver package's own asset model (drivers/<name>/config.py).
 
 This module imports no driver, so a driver's config can import it without a
-cycle; edge/profile.py then assembles the whole profile from both.
+cycle; edge/config/profile.py then assembles the whole profile from both.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def _new_spool_problem(path: Path, problem) -> FileProblem | None:
 
 
 def _database_problem(path: Path, problem) -> FileProblem | None:
-    from edge.spool import SCHEMA_VERSION  # here: edge.spool imports this module
+    from edge.uplink.spool import SCHEMA_VERSION  # here: edge.uplink.spool imports this module
 
     try:
         # read-only: a check must not change a spool the daemon may be using

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 
-from edge.functions_config import FcrConfig
+from edge.config.functions import FcrConfig
 
 # Outside this range a "frequency" is a measurement fault, not a grid state.
 PLAUSIBLE_HZ = (45.0, 65.0)

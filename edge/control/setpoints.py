@@ -4,12 +4,12 @@ A setpoint is accepted only when every check passes; otherwise it is rejected
 with a reason that names the field, and it never reaches a device.  The rules
 (documented in docs/mqtt-api.md):
 
-- the payload passes edge.intake (at most 16 KiB of strict UTF-8 JSON, shallow, no
-  NaN, no duplicate keys) and is a JSON object with `id` (edge.intake's id form),
+- the payload passes edge.uplink.intake (at most 16 KiB of strict UTF-8 JSON, shallow, no
+  NaN, no duplicate keys) and is a JSON object with `id` (edge.uplink.intake's id form),
   `ts` (ISO 8601 with a zone, or epoch seconds), exactly one of `valid_s`
   (0 < valid_s <= 3600) or `expires_at` (at most 3600 s after `ts`), and
   `activation_kw` (finite number, + = upward regulation): the structure that
-  edge.messages.SetpointMessage documents, which checks it last;
+  edge.uplink.messages.SetpointMessage documents, which checks it last;
 - `ts` not more than `clock_skew_tolerance_s` in the future, nor older than
   `max_setpoint_age_s`; the setpoint not already expired;
 - `id` not seen before (replay), `ts` not older than the setpoint in force;
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from edge.intake import InboundRejected, bounded, check_model, excerpt, load_message
-from edge.messages import EPOCH_MAX_S, EPOCH_MIN_S, MAX_ABS_KW, SetpointMessage
+from edge.uplink.intake import InboundRejected, bounded, check_model, excerpt, load_message
+from edge.uplink.messages import EPOCH_MAX_S, EPOCH_MIN_S, MAX_ABS_KW, SetpointMessage
 
-if TYPE_CHECKING:  # the profile imports modules that import this one (edge.ev_planner)
-    from edge.profile import Control
+if TYPE_CHECKING:  # the profile imports modules that import this one (edge.control.ev_planner)
+    from edge.config.profile import Control
 
 MAX_VALID_S = 3600.0
 MAX_SETPOINT_BYTES = 16 * 1024

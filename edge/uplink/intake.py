@@ -13,7 +13,7 @@ or a device, and nothing it carries can later break the gateway's own messages:
   and a huge int would overflow ``math.isfinite``), no float that rounds to infinity,
   each refused naming its field;
 - a structural check against the pydantic model that documents the message
-  (edge/messages.py), reported as one short reason naming the field.
+  (edge/uplink/messages.py), reported as one short reason naming the field.
 
 Reasons are bounded (``bounded()``) and echo no more than a short, escaped excerpt of
 what was sent: they go into the ack, an event and a log line.

@@ -20,17 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edge.allocation import Allocation, AssetBand, allocate
-from edge.fcr import FcrDroop
-from edge.qu import QuDroop
-from edge.ev_sessions import EvSessions
-from edge.schedules import ScheduleBook, ScheduleDraft, ScheduleRejected, ScheduleValidator
+from edge.control.allocation import Allocation, AssetBand, allocate
+from edge.control.fcr import FcrDroop
+from edge.control.qu import QuDroop
+from edge.control.ev_sessions import EvSessions
+from edge.control.schedules import ScheduleBook, ScheduleDraft, ScheduleRejected, ScheduleValidator
 from edge.asset import AssetDriver, AssetReading, EventSink, VoltVarCurve
-from edge.backoff import Backoff
+from edge.runtime.backoff import Backoff
 from edge.gridorders import NO_ORDERS, GridOrders, effective_export_limit_kw
-from edge.health import CycleStats
-from edge.profile import Profile
-from edge.setpoints import Setpoint, SetpointRejected, SetpointValidator, iso_time
+from edge.runtime.health import CycleStats
+from edge.config.profile import Profile
+from edge.control.setpoints import Setpoint, SetpointRejected, SetpointValidator, iso_time
 
 log = logging.getLogger("flexedge.control")
 

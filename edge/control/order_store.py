@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 from edge.asset import EventSink
 from edge.gridorders import GridOrders
-from edge.intake import InboundRejected, load_object
+from edge.uplink.intake import InboundRejected, load_object
 
 __all__ = ["FORMAT_VERSION", "OrderStore", "OrderStoreError", "StoredOrders", "load_orders", "orders_path",
            "save_orders"]

@@ -25,12 +25,12 @@ from pydantic import (
 
 from drivers.iec104.config import Iec104Asset
 from edge.deie_config import DeieConfig
-from edge.ev_planner import EvDefaults
-from edge.functions_config import FunctionsConfig
+from edge.control.ev_planner import EvDefaults
+from edge.config.functions import FunctionsConfig
 from drivers.ocpp.config import OcppCharger, OcppServer
-from edge.yamlsource import ProfileProblem, YamlDocument, load_yaml
+from edge.config.yamlsource import ProfileProblem, YamlDocument, load_yaml
 
-from edge.profile_types import (  # noqa: F401  (re-exported for callers of edge.profile)
+from edge.config.types import (  # noqa: F401  (re-exported for callers of edge.config.profile)
     ID_PATTERN,
     AssetBase,
     Identifier,
@@ -148,13 +148,13 @@ class Mqtt(Strict):
         """The password, read now from its file or environment variable; never logged.
 
         A password file that is missing, unreadable or blank raises
-        edge.preflight.FileProblemError (a ValueError) saying so: connecting without
+        edge.config.preflight.FileProblemError (a ValueError) saying so: connecting without
         the password would only be refused, again and again.
         """
         import os
 
         if self.password_file:
-            from edge.preflight import read_password
+            from edge.config.preflight import read_password
 
             return read_password(self.password_file)
         if self.password_env:
@@ -237,7 +237,7 @@ class SunSpecAsset(AssetBase):
         return self
 
 
-# Each driver package defines its own asset model on AssetBase (edge/profile_types.py).
+# Each driver package defines its own asset model on AssetBase (edge/config/types.py).
 Asset = Annotated[Union[SunSpecAsset, Iec104Asset, OcppCharger], Field(discriminator="driver")]
 DRIVER_NAMES = "sunspec, iec104, ocpp"
 

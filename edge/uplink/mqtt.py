@@ -4,7 +4,7 @@ Topics are ``<prefix>/<site id>/<subtopic>`` (see docs/mqtt-api.md).  The uplink
 
 * connects with paho-mqtt (through aiomqtt) to ``uplink.mqtt``: TLS when ``tls`` is
   set (mutual TLS with ``cert_file``/``key_file``), username and password
-  (:meth:`edge.profile.Mqtt.password`, read at every connect and never logged),
+  (:meth:`edge.config.profile.Mqtt.password`, read at every connect and never logged),
   MQTT 5 when the broker offers it: ``protocol: auto`` tries 5 and, when the broker
   answers CONNACK "unsupported protocol version", uses 3.1.1 from then on;
   ``"5"`` and ``"3.1.1"`` force a version.  Clean session: setpoints published
@@ -14,13 +14,13 @@ Topics are ``<prefix>/<site id>/<subtopic>`` (see docs/mqtt-api.md).  The uplink
   ``ts`` refreshed) after every connect, then subscribes to ``setpoint`` (QoS 1);
 * reconnects forever: the first retry after 0.25-0.5 s, then twice as long each time up
   to a cap of 5 s, each delay drawn between half and all of its ceiling (equal jitter,
-  edge/backoff.py), so the site is back within a few seconds of its broker and a fleet
+  edge/runtime/backoff.py), so the site is back within a few seconds of its broker and a fleet
   of gateways does not come back in step.  A connection closed before CONNACK (a broker
   refusing the client certificate) fails at once rather than at the CONNACK timeout;
   each distinct failure is logged once per outage, a refusal that retrying will not cure
   (credentials, TLS, a bad password or TLS file) as an error saying what to check;
 * spools every message of the ``SPOOLED_STREAMS`` (telemetry, events, the 1-min
-  consumption and 15-min validation aggregates; :class:`edge.spool.Spool`, through
+  consumption and 15-min validation aggregates; :class:`edge.uplink.spool.Spool`, through
   :func:`asyncio.to_thread`) *before* sending it and deletes it only after the
   broker's PUBACK.  Messages spooled while connected go out at once ("live");
   what was spooled while offline (the backlog) is sent oldest first at
@@ -72,10 +72,10 @@ from aiomqtt import ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 
 from edge.asset import EventSink
-from edge.backoff import Backoff
-from edge.preflight import FileProblem, FileProblemError, tls_context
-from edge.profile import Mqtt, Profile
-from edge.spool import Spool, SpooledMessage, encode_payload, encode_payload_checked
+from edge.runtime.backoff import Backoff
+from edge.config.preflight import FileProblem, FileProblemError, tls_context
+from edge.config.profile import Mqtt, Profile
+from edge.uplink.spool import Spool, SpooledMessage, encode_payload, encode_payload_checked
 
 __all__ = ["Uplink", "UplinkStats", "SPOOLED_STREAMS", "utc_timestamp"]
 

@@ -4,7 +4,7 @@ Every driver runs in its own supervised task: a driver that raises is logged,
 reported upstream and restarted with capped backoff, while the control cycle
 and the other drivers go on.  Telemetry and events pass through one ordered
 outbox to the uplink, which spools each message before sending it; so do the
-1-min consumption and 15-min validation aggregates (edge/aggregates.py), which
+1-min consumption and 15-min validation aggregates (edge/control/aggregates.py), which
 every cycle's telemetry feeds.
 """
 
@@ -20,17 +20,17 @@ from typing import Any, Awaitable, Callable
 
 from drivers import create_driver
 from edge import __version__
-from edge.aggregates import CONSUMPTION_INTERVAL_S, VALIDATION_INTERVAL_S, Aggregator
-from edge.controller import ControlledAsset, Controller
+from edge.control.aggregates import CONSUMPTION_INTERVAL_S, VALIDATION_INTERVAL_S, Aggregator
+from edge.control.cycle import ControlledAsset, Controller
 from edge.gridorders import SOURCE_PERSISTED, GridOrders
-from edge.health import CycleStats
-from edge.order_store import OrderStore, OrderStoreError, StoredOrders, orders_path
-from edge.profile import Profile
-from edge.ratings import RatingsWatch
-from edge.sdnotify import SystemdNotifier
-from edge.setpoints import iso_time
-from edge.spool import Spool
-from edge.uplink import Uplink
+from edge.runtime.health import CycleStats
+from edge.control.order_store import OrderStore, OrderStoreError, StoredOrders, orders_path
+from edge.config.profile import Profile
+from edge.control.ratings import RatingsWatch
+from edge.runtime.sdnotify import SystemdNotifier
+from edge.control.setpoints import iso_time
+from edge.uplink.spool import Spool
+from edge.uplink.mqtt import Uplink
 
 log = logging.getLogger("flexedge.daemon")
 
@@ -76,7 +76,7 @@ class Gateway:
         self.order_store: OrderStore | None = None  # with grid.deie: the operator's orders survive a restart
         self.aggregator = Aggregator(profile.site.id, *aggregate_intervals_s)
         self.aggregator_failures = 0
-        # The profile's ratings against what each device states about itself (edge/ratings.py).
+        # The profile's ratings against what each device states about itself (edge/control/ratings.py).
         self.ratings = RatingsWatch(zip(profile.assets, (a.driver for a in self.assets)), self.emit_event)
 
     # ------------------------------------------------------------- events

@@ -38,8 +38,8 @@ from typing import Annotated, Any, Literal, Mapping, Sequence
 
 from pydantic import Field
 
-from edge.profile_types import Strict, _ranged
-from edge.setpoints import SetpointRejected, iso_time, parse_time
+from edge.config.types import Strict, _ranged
+from edge.control.setpoints import SetpointRejected, iso_time, parse_time
 
 SLOT_S = 900.0  # 15 min, the smart-charging resolution (MAESHA IE-04-04)
 MAX_PLAN_SLOTS = 8 * 96  # 8 days; a departure further out is planned as if it were then
@@ -197,7 +197,7 @@ class ChargingPlan:
 
 def planning_slots(now_s: float, departure_s: float) -> list[tuple[float, float]]:
     """The slots a plan covers: [(slot start, slot end)], slot 0 containing ``now_s``.
-    The caller builds ``prices`` and ``available_kw`` on this grid (e.g. edge.schedules.on_grid)."""
+    The caller builds ``prices`` and ``available_kw`` on this grid (e.g. edge.control.schedules.on_grid)."""
     if departure_s <= now_s:
         return []
     first = math.floor(now_s / SLOT_S)

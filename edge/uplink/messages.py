@@ -1,9 +1,9 @@
 """The MQTT payloads, as models: the source of the JSON Schemas in docs/mqtt-api.md.
 
 These models describe the public contract; tests validate what the gateway
-really publishes against them, and `python -m edge.messages` prints the
+really publishes against them, and `python -m edge.uplink.messages` prints the
 schemas that docs/mqtt-api.md embeds (a test checks the two agree).
-Incoming setpoints are validated by edge.setpoints, whose error messages a VPP
+Incoming setpoints are validated by edge.control.setpoints, whose error messages a VPP
 operator reads in the ack; the schema here documents the same rules.
 """
 
@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.intake import MESSAGE_ID_PATTERN, MESSAGE_ID_RULE
-from edge.profile_types import ID_PATTERN
+from edge.uplink.intake import MESSAGE_ID_PATTERN, MESSAGE_ID_RULE
+from edge.config.types import ID_PATTERN
 
 Kw = float | None
 

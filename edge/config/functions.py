@@ -4,9 +4,9 @@
 function is enabled by giving its section:
 
 - ``fcr``: frequency containment (FCR) droop from a measured frequency, in
-  kW of activation added to the VPP's (FRR) activation; see edge/fcr.py.
+  kW of activation added to the VPP's (FRR) activation; see edge/control/fcr.py.
 - ``q_u``: a reactive-power request from the local voltage along a static
-  droop curve Q(U); see edge/qu.py.
+  droop curve Q(U); see edge/control/qu.py.
 
 Every key is documented in docs/profile.md, the behaviour in
 docs/grid-functions.md.  Signs: + activation is upward regulation (more
@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from edge.profile_types import Identifier, Strict, _ranged
+from edge.config.types import Identifier, Strict, _ranged
 
 # Drivers whose readings carry frequency_hz and voltage_v (AssetReading).
 MEASURING_DRIVERS = ("sunspec",)

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.preflight import describe_os_error, spool_problem
+from edge.config.preflight import describe_os_error, spool_problem
 
 __all__ = ["Appended", "Spool", "SpoolError", "SpoolStats", "SpooledMessage", "MIN_MAX_BYTES"]
 
@@ -203,7 +203,7 @@ class Spool:
             raise
 
     def _why_unusable(self, fallback: str) -> str:
-        """SQLite and mkdir say "unable to open database file" or "File exists"; edge.preflight says what is wrong."""
+        """SQLite and mkdir say "unable to open database file" or "File exists"; edge.config.preflight says what is wrong."""
         try:
             problem = spool_problem(self.path)
         except Exception:  # noqa: BLE001 -- a diagnosis must not hide the error it explains
