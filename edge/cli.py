@@ -181,7 +181,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from edge.demo import run_demo
+    from simulators.demo.run import run_demo
     from edge.runtime.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level if args.log_level != "info" else "warning")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the profile's JSON Schema")
     schema.set_defaults(func=cmd_schema)
 
-    from edge.demo_sites import DEFAULT_DEIE_SCRIPT
+    from simulators.demo.sites import DEFAULT_DEIE_SCRIPT
 
     demo = sub.add_parser("demo", help="run the demo site on bundled simulators")
     demo.add_argument("--profile", default=str(Path(__file__).resolve().parent.parent / "profiles" / "demo.yaml"))

@@ -2,7 +2,7 @@
 
 Grid-operator orders always win: the controller applies them before the grid
 connection limits, the VPP's activation and any local function.  They come
-from `edge/deie.py` (IEC 104), which validates them and confirms them on the
+from `drivers/deie/link.py` (IEC 104), which validates them and confirms them on the
 wire; this module only says what is in force.
 """
 

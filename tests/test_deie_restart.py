@@ -25,8 +25,8 @@ import yaml
 
 from conftest import free_port, wait_port
 from edge.runtime.daemon import Gateway
-from edge.deie import DeieLink
-from edge.deie_config import DeieConfig
+from drivers.deie.link import DeieLink
+from drivers.deie.config import DeieConfig
 from edge.gridorders import NO_ORDERS, SOURCE_PERSISTED, GridOrders
 from edge.uplink.messages import Telemetry
 from edge.control.order_store import (

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from drivers.iec104.config import Iec104Asset
-from edge.deie_config import DeieConfig
+from drivers.deie.config import DeieConfig
 from edge.control.ev_planner import EvDefaults
 from edge.config.functions import FunctionsConfig
 from drivers.ocpp.config import OcppCharger, OcppServer

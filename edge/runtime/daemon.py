@@ -72,7 +72,7 @@ class Gateway:
             )
         self.uplink: Uplink | None = None
         self.controller: Controller | None = None
-        self.deie = None  # edge.deie.DeieLink when the profile has grid.deie
+        self.deie = None  # drivers.deie.link.DeieLink when the profile has grid.deie
         self.order_store: OrderStore | None = None  # with grid.deie: the operator's orders survive a restart
         self.aggregator = Aggregator(profile.site.id, *aggregate_intervals_s)
         self.aggregator_failures = 0
@@ -176,7 +176,7 @@ class Gateway:
             asyncio.create_task(self.stats.loop_lag.run(), name="loop-lag"),
         ]
         if profile.grid.deie is not None:
-            from edge.deie import DeieLink
+            from drivers.deie.link import DeieLink
 
             self.deie = DeieLink(profile.grid.deie, self._apply_grid_orders, self.emit_event)
             # No await since the tasks above were created, and none before the drivers' tasks below:

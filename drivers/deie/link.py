@@ -3,7 +3,7 @@
 The French DEIE is the grid operator's telecontrol box at a producer site.  Its
 orders always win over the VPP: ``DeieLink`` validates each one, confirms it on
 the wire and hands it to the controller (``apply_orders``) in the same loop
-iteration.  Configuration is ``edge.deie_config.DeieConfig``; behaviour and the
+iteration.  Configuration is ``drivers.deie.config.DeieConfig``; behaviour and the
 point list are documented in docs/deie.md.
 
 Public API
@@ -64,7 +64,7 @@ from typing import Any, Callable
 import c104
 
 from edge.asset import EventSink
-from edge.deie_config import CLIENT_ORDER_TYPE, ORDER_SIGNALS, DeieConfig, DeiePoint
+from drivers.deie.config import CLIENT_ORDER_TYPE, ORDER_SIGNALS, DeieConfig, DeiePoint
 from edge.gridorders import NO_ORDERS, SOURCE_PERSISTED, GridOrders
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Starts, on loopback and in one process: an MQTT broker (a private Mosquitto when
 one is installed, else the embedded broker), a simulated device for every asset
-of the profile (``edge.demo_sites``), the gateway itself, then the VPP simulator
+of the profile (``simulators.demo.sites``), the gateway itself, then the VPP simulator
 sending step activations and, when the profile has a DEIE link, the grid
 operator sending an export limit part-way through.  Every cycle it prints what
 the VPP sees on the wire: the setpoint, the site's power, the grid operator's
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge.demo_sites import DEFAULT_DEIE_SCRIPT, SimulatedSite, play_deie
+from simulators.demo.sites import DEFAULT_DEIE_SCRIPT, SimulatedSite, play_deie
 from edge.config.profile import Profile, ProfileError, load_profile
 
 log = logging.getLogger("flexedge.demo")

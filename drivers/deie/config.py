@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from edge.config.types import Port, PositiveKw, Strict, _ranged
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "profiles" / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "profiles" / "templates"
 
 SETPOINT_TYPES = ("C_SE_NC_1", "C_SE_TC_1")
 SWITCH_TYPES = ("C_SC_NA_1", "C_DC_NA_1")

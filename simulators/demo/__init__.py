@@ -1,0 +1,1 @@
+"""`flexedge demo`: the demo site on the bundled simulators (docs/cli.md)."""
