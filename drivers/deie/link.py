@@ -56,7 +56,6 @@ Events: ``grid_order_received``, ``deie_order_applied``, ``grid_order_rejected``
 import asyncio
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -64,6 +63,7 @@ from typing import Any, Callable
 import c104
 
 from edge.asset import EventSink
+from edge.runtime.backoff import Backoff
 from drivers.deie.config import CLIENT_ORDER_TYPE, ORDER_SIGNALS, DeieConfig, DeiePoint
 from edge.gridorders import NO_ORDERS, SOURCE_PERSISTED, GridOrders
 
@@ -149,11 +149,6 @@ def interpret_order(cfg: DeieConfig, signal: str, raw: Any, scale: float = 1.0) 
             return Order(signal, None)
         return Order(signal, on)
     raise OrderRejected(f"unknown order signal {signal!r}")
-
-
-def _backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
-    """Capped exponential backoff with 50-100 % jitter."""
-    return min(max_s, initial_s * 2 ** min(attempt, 20)) * random.uniform(0.5, 1.0)
 
 
 class DeieLink:
@@ -394,13 +389,12 @@ class DeieLink:
     # ------------------------------------------------------------ roles
 
     async def _serve(self) -> None:
-        attempt = 0
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         while True:
             try:
                 server = await asyncio.to_thread(self._start_server)
             except Exception as exc:
-                delay = _backoff_s(attempt, self.backoff_initial_s, self.backoff_max_s)
-                attempt += 1
+                delay = backoff.next_delay()
                 log.error("DEIE server on %s:%d cannot start (%s); retry in %.1f s",
                           self.cfg.host, self.cfg.port, exc, delay)
                 self._emit("deie_link", None, {"up": False, "role": "server", "error": str(exc)})
@@ -449,7 +443,7 @@ class DeieLink:
         return server
 
     async def _connect(self) -> None:
-        attempt = 0
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         while True:
             client = await asyncio.to_thread(self._start_client)
             connection = client.connections[0]
@@ -463,7 +457,7 @@ class DeieLink:
                         # c104 2.2.1 now and then leaves a fresh connection muted (no STARTDT sent)
                         await asyncio.to_thread(self._unmute_and_interrogate, connection)
                 if opened():
-                    attempt = 0
+                    backoff.reset()
                     self._probe = opened
                     while opened():
                         await asyncio.sleep(POLL_S)
@@ -472,8 +466,7 @@ class DeieLink:
                 self._serving = False
                 self._probe = lambda: False
                 await asyncio.to_thread(client.stop)
-            delay = _backoff_s(attempt, self.backoff_initial_s, self.backoff_max_s)
-            attempt += 1
+            delay = backoff.next_delay()
             log.warning("DEIE at %s:%d not reachable; retry in %.1f s", self.cfg.host, self.cfg.port, delay)
             await asyncio.sleep(delay)
 

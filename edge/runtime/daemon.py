@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import random
 import signal
 import time
 from typing import Any, Awaitable, Callable
@@ -27,6 +26,7 @@ from edge.runtime.health import CycleStats
 from edge.control.order_store import OrderStore, OrderStoreError, StoredOrders, orders_path
 from edge.config.profile import Profile
 from edge.control.ratings import RatingsWatch
+from edge.runtime.backoff import Backoff
 from edge.runtime.sdnotify import SystemdNotifier
 from edge.control.setpoints import iso_time
 from edge.uplink.spool import Spool
@@ -295,7 +295,7 @@ class Gateway:
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run ``run`` forever; restart it with capped backoff and jitter if it fails."""
-        backoff_s = 1.0
+        backoff = Backoff(first_s=1.0, cap_s=30.0, jitter=(0.8, 1.2))
         while True:
             started = time.monotonic()
             try:
@@ -307,9 +307,8 @@ class Gateway:
                 log.exception("%s crashed; restarting", name)
                 self.emit_event("task_crashed", None, {"task": name, "error": repr(error)[:300]})
             if time.monotonic() - started > 60:
-                backoff_s = 1.0
-            await asyncio.sleep(backoff_s * random.uniform(0.8, 1.2))
-            backoff_s = min(backoff_s * 2, 30.0)
+                backoff.reset()
+            await asyncio.sleep(backoff.next_delay())
 
 
 async def run_gateway(profile: Profile) -> None:
