@@ -28,21 +28,9 @@ def _load_or_report(path: str):
         return None
 
 
-def _describe_transport(asset) -> str:
-    if asset.driver == "iec104":
-        template = f", template {asset.template}" if asset.template else ""
-        return f"tcp {asset.host}:{asset.port} CA {asset.common_address}{template}"
-    if asset.driver == "ocpp":
-        return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}"
-    if getattr(asset, "serial", None) is not None:
-        s = asset.serial
-        return f"rtu {s.port} {s.baudrate} {s.bytesize}{s.parity}{s.stopbits} unit {asset.unit_id}"
-    if getattr(asset, "host", None) is not None:
-        return f"tcp {asset.host}:{asset.port} unit {asset.unit_id}"
-    return ""
-
-
 def summary(profile) -> str:
+    from drivers import registry  # each driver describes its own assets
+
     mqtt = profile.uplink.mqtt
     spool = profile.uplink.spool
     auth = "user " + mqtt.username if mqtt.username else "none"
@@ -97,7 +85,7 @@ def summary(profile) -> str:
             flags.append("connection-point meter")
         rating = f" {asset.rated_kw:g} kW" if getattr(asset, "rated_kw", None) else ""
         lines.append(
-            f"  {asset.id:<12} {asset.kind:<10} {asset.driver:<8} {_describe_transport(asset)}{rating}"
+            f"  {asset.id:<12} {asset.kind:<10} {asset.driver:<8} {registry.describe(asset)}{rating}"
             + (f" ({', '.join(flags)})" if flags else "")
         )
     return "\n".join(lines)

@@ -26,7 +26,7 @@ def test_every_profile_key_is_documented():
     documented = set(re.findall(r"^\| `([^`]+)` \|", text, re.M)) | set(re.findall(r"^##+ `([^`]+)`", text, re.M))
     from drivers.iec104.config import Iec104Asset
     from drivers.ocpp.config import OcppCharger
-    from edge.config.profile import SunSpecAsset
+    from drivers.sunspec.config import SunSpecAsset
 
     expected = {p for p in _key_paths(Profile) if not p.startswith("assets")}
     for asset_model in (SunSpecAsset, Iec104Asset, OcppCharger):

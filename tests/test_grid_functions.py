@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from drivers.sunspec import create
 from edge.control.fcr import FcrDroop
 from edge.config.functions import FcrConfig, FunctionsConfig, QuConfig
-from edge.config.profile import SunSpecAsset
+from drivers.sunspec.config import SunSpecAsset
 from edge.control.qu import QuDroop
 from simulators.sunspec import DeviceSpec
 from tests.test_sunspec_driver import simulated

@@ -21,7 +21,8 @@ from drivers.ocpp.driver import shared_system
 from drivers.ocpp.handlers import evse_max_power_kw
 from edge.asset import AssetDriver, AssetReading, DeviceRating
 from edge.runtime.daemon import Gateway
-from edge.config.profile import Profile, SunSpecAsset
+from drivers.sunspec.config import SunSpecAsset
+from edge.config.profile import Profile
 from edge.control.ratings import RatingsWatch, differ, judge, profile_rating_kw
 from simulators.bess import BessSimulator, BessSpec
 from simulators.ocpp import EvSpec, OcppSimulator, StationSpec

@@ -162,3 +162,8 @@ class OcppCharger(AssetBase):
                 raise ValueError(f"password_env: environment variable {self.password_env} is not set")
             return value
         return None
+
+
+def describe(asset: OcppCharger) -> str:
+    """The charger, one line for `flexedge check`."""
+    return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}"

@@ -7,7 +7,7 @@ retry policy (capped exponential backoff with jitter).
 Public API:
 
 ``ModbusLink(asset)``
-    ``asset`` is an ``edge.config.profile.SunSpecAsset``; ``host``/``port`` select
+    ``asset`` is a ``drivers.sunspec.config.SunSpecAsset``; ``host``/``port`` select
     TCP, ``serial`` selects RTU.  ``unit_id`` is sent as pymodbus'
     ``device_id``, ``timeout_s`` bounds every request and the connect.
 

@@ -1,4 +1,5 @@
-"""Profile model of the local grid functions (the profile section ``functions:``).
+"""Profile models of the local grid functions (the profile section ``functions:``) and of
+smart charging's defaults (``ev_charging:``, ``EvDefaults``, used by edge/control/ev_planner.py).
 
 ``FunctionsConfig`` is meant to sit in the site profile as ``functions``; each
 function is enabled by giving its section:
@@ -164,3 +165,22 @@ class FunctionsConfig(Strict):
                     f"{key}: asset {asset_id!r} (driver {drivers[asset_id]}) does not measure {quantity}; "
                     f"use a SunSpec inverter or meter"
                 )
+
+
+# ------------------------------------------------------------- ev charging
+
+MAX_EV_KWH = 1000.0  # the largest EV battery the planner takes
+
+
+class EvDefaults(Strict):
+    """Smart charging (profile section ``ev_charging``): what the planner assumes when the driver's preferences say nothing."""
+
+    default_departure_after_h: Annotated[float, _ranged(0.25, 168.0)] = Field(
+        8.0, description="Departure assumed this long after the session started, when the driver gave none."
+    )
+    default_energy_kwh: Annotated[float, _ranged(0.0, MAX_EV_KWH)] = Field(
+        20.0, description="Energy a session needs when the driver gave neither energy nor target SoC (or the SoC is unknown)."
+    )
+    max_departure_after_h: Annotated[float, _ranged(1.0, 168.0)] = Field(
+        168.0, description="A departure given further ahead than this is rejected."
+    )

@@ -34,32 +34,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-from pydantic import Field
-
-from edge.config.types import Strict, _ranged
+from edge.config.functions import MAX_EV_KWH, EvDefaults  # noqa: F401  (EvDefaults: the profile's section, used here)
 from edge.control.setpoints import SetpointRejected, iso_time, parse_time
 
 SLOT_S = 900.0  # 15 min, the smart-charging resolution (MAESHA IE-04-04)
 MAX_PLAN_SLOTS = 8 * 96  # 8 days; a departure further out is planned as if it were then
 ENERGY_EPSILON_KWH = 1e-6
-MAX_EV_KWH = 1000.0
 MAX_EV_KW = 1000.0
-
-
-class EvDefaults(Strict):
-    """Smart charging (profile section ``ev_charging``): what the planner assumes when the driver's preferences say nothing."""
-
-    default_departure_after_h: Annotated[float, _ranged(0.25, 168.0)] = Field(
-        8.0, description="Departure assumed this long after the session started, when the driver gave none."
-    )
-    default_energy_kwh: Annotated[float, _ranged(0.0, MAX_EV_KWH)] = Field(
-        20.0, description="Energy a session needs when the driver gave neither energy nor target SoC (or the SoC is unknown)."
-    )
-    max_departure_after_h: Annotated[float, _ranged(1.0, 168.0)] = Field(
-        168.0, description="A departure given further ahead than this is rejected."
-    )
 
 
 class EvPreferencesRejected(Exception):

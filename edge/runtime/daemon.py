@@ -17,11 +17,11 @@ import signal
 import time
 from typing import Any, Awaitable, Callable
 
-from drivers import create_driver
+from drivers import registry
 from edge import __version__
 from edge.control.aggregates import CONSUMPTION_INTERVAL_S, VALIDATION_INTERVAL_S, Aggregator
 from edge.control.cycle import ControlledAsset, Controller
-from edge.gridorders import SOURCE_PERSISTED, GridOrders
+from edge.gridorders import SOURCE_PERSISTED, GridOperatorLink, GridOrders
 from edge.runtime.health import CycleStats
 from edge.control.order_store import OrderStore, OrderStoreError, StoredOrders, orders_path
 from edge.config.profile import Profile
@@ -52,12 +52,9 @@ class Gateway:
         self.outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.dropped_outbox = 0
         self.assets: list[ControlledAsset] = []
-        if any(asset.driver == "ocpp" for asset in profile.assets):
-            from drivers.ocpp import configure_site
-
-            configure_site(profile.ocpp)  # the chargers share the site's one central system
+        registry.prepare_site(profile)  # the hubs drivers share, e.g. the chargers' one central system
         for asset in profile.assets:
-            driver = create_driver(asset, profile.control.cycle_s, self.emit_event)
+            driver = registry.create_driver(asset, profile.control.cycle_s, self.emit_event)
             self.assets.append(
                 ControlledAsset(
                     id=asset.id,
@@ -72,7 +69,7 @@ class Gateway:
             )
         self.uplink: Uplink | None = None
         self.controller: Controller | None = None
-        self.deie = None  # drivers.deie.link.DeieLink when the profile has grid.deie
+        self.deie: GridOperatorLink | None = None  # with grid.deie: the grid operator's link (drivers/deie/)
         self.order_store: OrderStore | None = None  # with grid.deie: the operator's orders survive a restart
         self.aggregator = Aggregator(profile.site.id, *aggregate_intervals_s)
         self.aggregator_failures = 0
@@ -176,9 +173,7 @@ class Gateway:
             asyncio.create_task(self.stats.loop_lag.run(), name="loop-lag"),
         ]
         if profile.grid.deie is not None:
-            from drivers.deie.link import DeieLink
-
-            self.deie = DeieLink(profile.grid.deie, self._apply_grid_orders, self.emit_event)
+            self.deie = registry.create_grid_link(profile.grid.deie, self._apply_grid_orders, self.emit_event)
             # No await since the tasks above were created, and none before the drivers' tasks below:
             # the orders from before the restart are in force before any device hears a command.
             self._restore_grid_orders(stored_orders, stored_orders_error)
