@@ -169,12 +169,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from simulators.demo.run import run_demo
-    from edge.runtime.logs import setup_logging
+    # The demo lives with the simulators (simulators/demo/), outside the daemon's import
+    # graph: imported here only, when the command runs.  It parses its own options.
+    from simulators.demo import main as demo_main
 
-    setup_logging(args.log_format, args.log_level if args.log_level != "info" else "warning")
-    return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir,
-                                broker_choice=args.broker, deie_script=args.deie_script))
+    return demo_main(args.demo_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,24 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the profile's JSON Schema")
     schema.set_defaults(func=cmd_schema)
 
-    from simulators.demo.sites import DEFAULT_DEIE_SCRIPT
-
-    demo = sub.add_parser("demo", help="run the demo site on bundled simulators")
-    demo.add_argument("--profile", default=str(Path(__file__).resolve().parent.parent / "profiles" / "demo.yaml"))
-    demo.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
-    demo.add_argument("--workdir", default=None, help="where the demo keeps its spool (default: a temporary folder)")
-    demo.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
-                      help="MQTT broker: a private Mosquitto if installed (auto), or the embedded one")
-    demo.add_argument("--deie-script", default=None, metavar="SCRIPT",
-                      help="the grid operator's DEIE orders, simulators.deie script format, seconds from the VPP's "
-                           f"start (default: {DEFAULT_DEIE_SCRIPT}; \"\" sends none)")
-    logging_options(demo)
+    # `flexedge demo --help` is the demo's own (simulators/demo/__init__.py)
+    demo = sub.add_parser("demo", help="run the demo site on bundled simulators", add_help=False)
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        args.demo_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -40,6 +40,9 @@ from typing import Any
 __all__ = ["FileProblem", "FileProblemError", "check_files", "spool_problem", "read_password", "tls_context"]
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+# The spool's format (PRAGMA user_version), which edge/uplink/spool.py writes and this
+# checks: defined here, below the uplink, so that the check need not import it.
+SPOOL_SCHEMA_VERSION = 1
 _PROBE_PREFIX = ".flexedge-check-"
 _CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
 _PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
@@ -179,8 +182,6 @@ def _new_spool_problem(path: Path, problem) -> FileProblem | None:
 
 
 def _database_problem(path: Path, problem) -> FileProblem | None:
-    from edge.uplink.spool import SCHEMA_VERSION  # here: edge.uplink.spool imports this module
-
     try:
         # read-only: a check must not change a spool the daemon may be using
         db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=2.0)
@@ -199,8 +200,8 @@ def _database_problem(path: Path, problem) -> FileProblem | None:
         return problem(f"is a damaged SQLite database ({exc})")
     finally:
         db.close()
-    if version > SCHEMA_VERSION:
-        return problem(f"was written by a newer flexedge (schema {version}; this one reads {SCHEMA_VERSION})")
+    if version > SPOOL_SCHEMA_VERSION:
+        return problem(f"was written by a newer flexedge (schema {version}; this one reads {SPOOL_SCHEMA_VERSION})")
     return None
 
 

@@ -67,11 +67,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.config.preflight import describe_os_error, spool_problem
+from edge.config.preflight import SPOOL_SCHEMA_VERSION as SCHEMA_VERSION, describe_os_error, spool_problem
 
 __all__ = ["Appended", "Spool", "SpoolError", "SpoolStats", "SpooledMessage", "MIN_MAX_BYTES"]
 
-SCHEMA_VERSION = 1
 MIN_MAX_BYTES = 64 * 1024  # below this the empty schema alone nearly fills the cap
 WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 # Telemetry rows are 1-2 KiB after compression; 4 KiB pages would hold only one
