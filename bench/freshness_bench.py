@@ -82,7 +82,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gateway_bench import cpu_seconds, free_port, rss_mb, steal_s  # noqa: E402
 from bench.iec104_bench import machine_busy_s  # noqa: E402
-from edge.health import percentile  # noqa: E402
+from edge.runtime.health import percentile  # noqa: E402
 from simulators.vpp import VppSimulator  # noqa: E402
 
 PV_KW, SUN_KW = 10.0, 8.0

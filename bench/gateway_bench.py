@@ -35,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge.health import percentile  # noqa: E402
+from edge.runtime.health import percentile  # noqa: E402
 from simulators.vpp import VppSimulator  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway_bench import CLOCK_TICKS, cpu_seconds, rss_mb, start_mosquitto, steal_s  # noqa: E402
-from edge.health import percentile  # noqa: E402
+from edge.runtime.health import percentile  # noqa: E402
 from simulators.vpp import VppSimulator  # noqa: E402
 
 UNIT_KW = 100.0  # each simulated battery: 100 kW charge and discharge, 200 kWh

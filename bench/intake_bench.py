@@ -1,4 +1,4 @@
-"""What checking an inbound message costs on the event loop (edge/intake.py and the validators).
+"""What checking an inbound message costs on the event loop (edge/uplink/intake.py and the validators).
 
 Every setpoint, schedule and EV-preferences message is validated on the loop, before the
 controller acts on it: its cost is part of the setpoint-to-command latency, and a hostile
@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.profile import Control  # noqa: E402
-from edge.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator  # noqa: E402
-from edge.setpoints import SetpointRejected, SetpointValidator, iso_time  # noqa: E402
+from edge.config.profile import Control  # noqa: E402
+from edge.control.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator  # noqa: E402
+from edge.control.setpoints import SetpointRejected, SetpointValidator, iso_time  # noqa: E402
 
 
 def timed_us(call, count: int) -> tuple[float, float]:

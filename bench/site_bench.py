@@ -93,7 +93,7 @@ sys.path.insert(0, str(ROOT))
 from bench.gateway_bench import cpu_seconds, free_port, rss_mb, start_mosquitto, steal_s  # noqa: E402
 from bench.iec104_bench import machine_busy_s, stop_process  # noqa: E402
 from bench.ocpp_bench import wait_for  # noqa: E402
-from edge.health import percentile  # noqa: E402
+from edge.runtime.health import percentile  # noqa: E402
 from simulators.vpp import TracePattern, VppSimulator  # noqa: E402
 
 PV_KW, PV_SUN_KW = 10.0, 8.0

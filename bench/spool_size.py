@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.spool import Spool, encode_payload  # noqa: E402
+from edge.uplink.spool import Spool, encode_payload  # noqa: E402
 
 MB = 1024 * 1024
 ASSET_FIELDS = ("p_kw", "q_kvar", "baseline_kw", "setpoint_kw", "activation_kw", "band_up_kw", "band_down_kw", "soc_pct")

@@ -33,7 +33,7 @@ from drivers.sunspec import voltvar  # noqa: E402
 from drivers.sunspec.codec import ModelBlock, layout_for  # noqa: E402
 from drivers.sunspec.control import choose_path, choose_var_path  # noqa: E402
 from drivers.sunspec.driver import SunSpecDriver  # noqa: E402
-from edge.profile import SunSpecAsset  # noqa: E402
+from drivers.sunspec.config import SunSpecAsset  # noqa: E402
 from simulators.sunspec import DeviceSpec  # noqa: E402
 from simulators.sunspec.device import SimulatedDevice  # noqa: E402
 # measure.build_reading/device_ratings as they were, kept as the equivalence test's reference

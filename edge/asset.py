@@ -70,7 +70,7 @@ class AssetDriver(abc.ABC):
     @abc.abstractmethod
     async def run(self) -> None:
         """Connect, poll once a cycle (a polled driver: when the site's cycle clock asks, just
-        before each control tick, edge/cycle_clock.py), write targets, reconnect on failure.
+        before each control tick, edge/runtime/cycle_clock.py), write targets, reconnect on failure.
 
         Runs until cancelled.  It must not raise for device or network problems:
         it marks the reading offline (within two cycles of a device going
@@ -118,7 +118,7 @@ class AssetDriver(abc.ABC):
 
         Never blocks: what the driver last read (empty until the device has told).  The
         daemon compares them with the profile every cycle and reports a disagreement once
-        (``rating_mismatch``, edge/ratings.py); the lower figure is the one the driver uses
+        (``rating_mismatch``, edge/control/ratings.py); the lower figure is the one the driver uses
         (docs/dispatch.md, "Ratings").  A driver that reads none keeps this default.
         """
         return {}

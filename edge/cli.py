@@ -16,7 +16,7 @@ EXIT_FILES_UNUSABLE = 3  # the profile is valid, but a file or folder it names c
 
 
 def _load_or_report(path: str):
-    from edge.profile import ProfileError, load_profile
+    from edge.config.profile import ProfileError, load_profile
 
     try:
         return load_profile(path)
@@ -28,21 +28,9 @@ def _load_or_report(path: str):
         return None
 
 
-def _describe_transport(asset) -> str:
-    if asset.driver == "iec104":
-        template = f", template {asset.template}" if asset.template else ""
-        return f"tcp {asset.host}:{asset.port} CA {asset.common_address}{template}"
-    if asset.driver == "ocpp":
-        return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}"
-    if getattr(asset, "serial", None) is not None:
-        s = asset.serial
-        return f"rtu {s.port} {s.baudrate} {s.bytesize}{s.parity}{s.stopbits} unit {asset.unit_id}"
-    if getattr(asset, "host", None) is not None:
-        return f"tcp {asset.host}:{asset.port} unit {asset.unit_id}"
-    return ""
-
-
 def summary(profile) -> str:
+    from drivers import registry  # each driver describes its own assets
+
     mqtt = profile.uplink.mqtt
     spool = profile.uplink.spool
     auth = "user " + mqtt.username if mqtt.username else "none"
@@ -97,7 +85,7 @@ def summary(profile) -> str:
             flags.append("connection-point meter")
         rating = f" {asset.rated_kw:g} kW" if getattr(asset, "rated_kw", None) else ""
         lines.append(
-            f"  {asset.id:<12} {asset.kind:<10} {asset.driver:<8} {_describe_transport(asset)}{rating}"
+            f"  {asset.id:<12} {asset.kind:<10} {asset.driver:<8} {registry.describe(asset)}{rating}"
             + (f" ({', '.join(flags)})" if flags else "")
         )
     return "\n".join(lines)
@@ -108,7 +96,7 @@ def _kw(value) -> str:
 
 
 def machine_warnings(profile) -> list[str]:
-    """What the profile names that is missing on this machine, beyond edge.preflight's
+    """What the profile names that is missing on this machine, beyond edge.config.preflight's
     checks: warnings, since a profile is often checked on a laptop before it reaches the site."""
     warnings = []
     if profile.ocpp is not None and not Path(profile.ocpp.id_tag_salt_file).parent.is_dir():
@@ -122,7 +110,7 @@ def machine_warnings(profile) -> list[str]:
 
 
 def cmd_check(args) -> int:
-    from edge.preflight import check_files
+    from edge.config.preflight import check_files
 
     profile = _load_or_report(args.profile)
     if profile is None:
@@ -145,14 +133,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from edge.profile import json_schema
+    from edge.config.profile import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return EXIT_OK
 
 
 def cmd_run(args) -> int:
-    from edge.logs import setup_logging
+    from edge.runtime.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level)
     profile = _load_or_report(args.profile)
@@ -160,8 +148,8 @@ def cmd_run(args) -> int:
         return EXIT_PROFILE_INVALID
     import logging
 
-    from edge.preflight import check_files
-    from edge.spool import SpoolError
+    from edge.config.preflight import check_files
+    from edge.uplink.spool import SpoolError
 
     log = logging.getLogger("flexedge.cli")
     # Before anything starts (no loop yet): one record naming the path and the cause,
@@ -170,7 +158,7 @@ def cmd_run(args) -> int:
     if problems:
         log.error("cannot start: %s", "; ".join(str(problem) for problem in problems))
         return EXIT_FILES_UNUSABLE
-    from edge.daemon import run_gateway
+    from edge.runtime.daemon import run_gateway
 
     try:
         asyncio.run(run_gateway(profile))
@@ -181,12 +169,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from edge.demo import run_demo
-    from edge.logs import setup_logging
+    # The demo lives with the simulators (simulators/demo/), outside the daemon's import
+    # graph: imported here only, when the command runs.  It parses its own options.
+    from simulators.demo import main as demo_main
 
-    setup_logging(args.log_format, args.log_level if args.log_level != "info" else "warning")
-    return asyncio.run(run_demo(Path(args.profile), duration_s=args.duration_s, workdir=args.workdir,
-                                broker_choice=args.broker, deie_script=args.deie_script))
+    return demo_main(args.demo_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,24 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the profile's JSON Schema")
     schema.set_defaults(func=cmd_schema)
 
-    from edge.demo_sites import DEFAULT_DEIE_SCRIPT
-
-    demo = sub.add_parser("demo", help="run the demo site on bundled simulators")
-    demo.add_argument("--profile", default=str(Path(__file__).resolve().parent.parent / "profiles" / "demo.yaml"))
-    demo.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
-    demo.add_argument("--workdir", default=None, help="where the demo keeps its spool (default: a temporary folder)")
-    demo.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
-                      help="MQTT broker: a private Mosquitto if installed (auto), or the embedded one")
-    demo.add_argument("--deie-script", default=None, metavar="SCRIPT",
-                      help="the grid operator's DEIE orders, simulators.deie script format, seconds from the VPP's "
-                           f"start (default: {DEFAULT_DEIE_SCRIPT}; \"\" sends none)")
-    logging_options(demo)
+    # `flexedge demo --help` is the demo's own (simulators/demo/__init__.py)
+    demo = sub.add_parser("demo", help="run the demo site on bundled simulators", add_help=False)
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        args.demo_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -2,14 +2,16 @@
 
 Grid-operator orders always win: the controller applies them before the grid
 connection limits, the VPP's activation and any local function.  They come
-from `edge/deie.py` (IEC 104), which validates them and confirms them on the
-wire; this module only says what is in force.
+from `drivers/deie/link.py` (IEC 104), which validates them and confirms them on the
+wire; this module only says what is in force, and what the daemon may ask of the
+link (``GridOperatorLink``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +41,7 @@ class GridOrders:
 
 
 NO_ORDERS = GridOrders()
-# Orders restored at start-up from before a restart (edge/order_store.py), until the
+# Orders restored at start-up from before a restart (edge/control/order_store.py), until the
 # operator's next order, lift or (client role) the DEIE's general interrogation replaces them.
 SOURCE_PERSISTED = "persisted"
 
@@ -50,3 +52,23 @@ def effective_export_limit_kw(profile_limit_kw: float | None, orders: GridOrders
         return 0.0
     limits = [v for v in (profile_limit_kw, orders.export_limit_kw) if v is not None]
     return min(limits) if limits else None
+
+
+class GridOperatorLink(Protocol):
+    """The daemon's one view of the grid operator's telecontrol link (the DEIE, drivers/deie/).
+
+    Built by ``drivers.registry.create_grid_link(cfg, apply_orders, emit_event)``;
+    ``apply_orders(GridOrders)`` is called on the loop with every set of orders in force.
+    """
+
+    async def run(self) -> None:
+        """Serve or connect until cancelled; link trouble never raises out of it."""
+
+    def report(self, p_kw: float | None, q_kvar: float | None, voltage_v: float | None) -> None:
+        """The site's measurements, every cycle; non-blocking."""
+
+    def restore(self, orders: GridOrders, link_loss_default: bool = False) -> None:
+        """Orders in force before a restart, back in force before any device is commanded."""
+
+    def assume_link_lost(self) -> None:
+        """The orders before the restart are unknown: act as on link loss, at once."""

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import c104
 
-from edge.deie_config import ORDER_SIGNALS, DeiePoint, load_template
+from drivers.deie.config import ORDER_SIGNALS, DeiePoint, load_template
 
 ACT_CON = 7
 C_CS_NA_1 = 103

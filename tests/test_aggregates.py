@@ -1,4 +1,4 @@
-"""Interval aggregates (edge/aggregates.py): properties of the pure accumulator, and the two
+"""Interval aggregates (edge/control/aggregates.py): properties of the pure accumulator, and the two
 spooled streams on the wire, through a broker outage, with a real Mosquitto."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.aggregates import Aggregator
-from edge.messages import ConsumptionData, ValidationData
-from edge.profile import Profile
-from edge.spool import Spool
-from edge.uplink import Uplink
+from edge.control.aggregates import Aggregator
+from edge.uplink.messages import ConsumptionData, ValidationData
+from edge.config.profile import Profile
+from edge.uplink.spool import Spool
+from edge.uplink.mqtt import Uplink
 
 T0 = 1_790_000_000.0  # 2026-09-21T14:13:20Z: not on a minute boundary
 CYCLE_S = 1.0  # telemetry cycle of the synthetic samples: gaps start beyond 3.5 s
@@ -321,7 +321,7 @@ async def test_each_aggregate_stream_has_its_own_seq_that_survives_a_restart(tmp
 
 @asynccontextmanager
 async def gateway_with_short_intervals(profile: Profile, intervals_s: tuple[float, float]):
-    from edge.daemon import Gateway
+    from edge.runtime.daemon import Gateway
 
     stop = asyncio.Event()
     gateway = Gateway(profile, aggregate_intervals_s=intervals_s)

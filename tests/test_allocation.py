@@ -7,7 +7,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge.allocation import AssetBand, allocate
+from edge.control.allocation import AssetBand, allocate
 
 TOL = 1e-6
 

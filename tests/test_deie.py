@@ -1,6 +1,6 @@
 """DEIE link over real IEC 104 on loopback: c104 on both sides, no mocks.
 
-The gateway side is ``edge.deie.DeieLink`` with a recording ``apply_orders``
+The gateway side is ``drivers.deie.link.DeieLink`` with a recording ``apply_orders``
 (the controller's enforcement is tested elsewhere); the operator side is
 ``simulators.deie.DeieOperator``.  One test decodes the frames with tshark.
 """
@@ -19,8 +19,8 @@ import c104
 import pytest
 
 from conftest import free_port
-from edge.deie import DeieLink, interpret_order, OrderRejected
-from edge.deie_config import DeieConfig, DeiePoint
+from drivers.deie.link import DeieLink, interpret_order, OrderRejected
+from drivers.deie.config import DeieConfig, DeiePoint
 from edge.gridorders import GridOrders
 from simulators.deie import Confirmation, DeieOperator, parse_script
 

@@ -4,7 +4,7 @@ On the wire: the real daemon (`flexedge run`, a subprocess), SunSpec inverter
 simulators, Mosquitto, the VPP simulator and the DEIE simulator.  The operator
 caps the site, the daemon is killed -9, the operator is gone; the restarted
 daemon's first command to the inverters respects the cap.  Around it, the
-store (edge/order_store.py) and DeieLink.restore on their own.
+store (edge/control/order_store.py) and DeieLink.restore on their own.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import pytest
 import yaml
 
 from conftest import free_port, wait_port
-from edge.daemon import Gateway
-from edge.deie import DeieLink
-from edge.deie_config import DeieConfig
+from edge.runtime.daemon import Gateway
+from drivers.deie.link import DeieLink
+from drivers.deie.config import DeieConfig
 from edge.gridorders import NO_ORDERS, SOURCE_PERSISTED, GridOrders
-from edge.messages import Telemetry
-from edge.order_store import (
+from edge.uplink.messages import Telemetry
+from edge.control.order_store import (
     FORMAT_VERSION, OrderStore, OrderStoreError, StoredOrders, load_orders, orders_path, save_orders,
 )
-from edge.profile import Profile
+from edge.config.profile import Profile
 from simulators.deie import Confirmation, DeieOperator
 from simulators.sunspec import DeviceSpec, SunSpecSimulator
 from simulators.vpp import VppSimulator

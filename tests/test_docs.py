@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from edge.messages import schemas
-from edge.profile import Profile
+from edge.uplink.messages import schemas
+from edge.config.profile import Profile
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -26,7 +26,7 @@ def test_every_profile_key_is_documented():
     documented = set(re.findall(r"^\| `([^`]+)` \|", text, re.M)) | set(re.findall(r"^##+ `([^`]+)`", text, re.M))
     from drivers.iec104.config import Iec104Asset
     from drivers.ocpp.config import OcppCharger
-    from edge.profile import SunSpecAsset
+    from drivers.sunspec.config import SunSpecAsset
 
     expected = {p for p in _key_paths(Profile) if not p.startswith("assets")}
     for asset_model in (SunSpecAsset, Iec104Asset, OcppCharger):
@@ -42,4 +42,4 @@ def test_mqtt_api_schemas_match_the_code():
     text = (DOCS / "mqtt-api.md").read_text()
     blocks = re.findall(r"^### `([^`]+)`\n\n```json\n(.*?)\n```", text, re.M | re.S)
     documented = {topic: json.loads(body) for topic, body in blocks}
-    assert documented == schemas(), "regenerate the schemas in docs/mqtt-api.md with `python -m edge.messages`"
+    assert documented == schemas(), "regenerate the schemas in docs/mqtt-api.md with `python -m edge.uplink.messages`"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from pydantic import ValidationError
 
-from edge.ev_planner import (
+from edge.control.ev_planner import (
     SLOT_S,
     EvDefaults,
     EvPreferencesRejected,
@@ -17,8 +17,8 @@ from edge.ev_planner import (
     planning_slots,
     session_needs,
 )
-from edge.schedules import ScheduleBook, Schedule, on_grid, time_weighted_mean
-from edge.setpoints import iso_time
+from edge.control.schedules import ScheduleBook, Schedule, on_grid, time_weighted_mean
+from edge.control.setpoints import iso_time
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z, a slot boundary
 HOUR = 3600.0

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from edge.profile import Profile
+from edge.config.profile import Profile
 from simulators.ocpp import EvSpec, OcppSimulator, StationSpec
 from simulators.vpp import VppSimulator
 from tests.conftest import free_port

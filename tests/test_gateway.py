@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge.daemon import Gateway
-from edge.messages import Event, Telemetry
-from edge.profile import Profile
-from edge.spool import Spool
+from edge.runtime.daemon import Gateway
+from edge.uplink.messages import Event, Telemetry
+from edge.config.profile import Profile
+from edge.uplink.spool import Spool
 from simulators.sunspec import DeviceSpec, SunSpecSimulator
 from simulators.vpp import VppSimulator
 

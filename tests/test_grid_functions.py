@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from drivers.sunspec import create
-from edge.fcr import FcrDroop
-from edge.functions_config import FcrConfig, FunctionsConfig, QuConfig
-from edge.profile import SunSpecAsset
-from edge.qu import QuDroop
+from edge.control.fcr import FcrDroop
+from edge.config.functions import FcrConfig, FunctionsConfig, QuConfig
+from drivers.sunspec.config import SunSpecAsset
+from edge.control.qu import QuDroop
 from simulators.sunspec import DeviceSpec
 from tests.test_sunspec_driver import simulated
 

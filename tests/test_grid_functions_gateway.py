@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from edge.messages import Telemetry
-from edge.profile import Profile
+from edge.uplink.messages import Telemetry
+from edge.config.profile import Profile
 from simulators.sunspec import DeviceSpec, SunSpecSimulator
 from simulators.vpp import VppSimulator
 from tests.test_gateway import SITE, make_profile, online, running_gateway, until

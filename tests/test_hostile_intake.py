@@ -19,13 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.ev_planner import EvDefaults
-from edge.ev_sessions import EvSession, EvSessions
-from edge.intake import MAX_REASON_CHARS, MESSAGE_ID_PATTERN
-from edge.profile import Control
-from edge.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator
-from edge.setpoints import SetpointRejected, SetpointValidator, iso_time
-from edge.spool import encode_payload_checked
+from edge.control.ev_planner import EvDefaults
+from edge.control.ev_sessions import EvSession, EvSessions
+from edge.uplink.intake import MAX_REASON_CHARS, MESSAGE_ID_PATTERN
+from edge.config.profile import Control
+from edge.control.schedules import ScheduleBook, ScheduleRejected, ScheduleValidator
+from edge.control.setpoints import SetpointRejected, SetpointValidator, iso_time
+from edge.uplink.spool import encode_payload_checked
 
 NOW = 1_800_000_000.0
 ID = re.compile(MESSAGE_ID_PATTERN)

@@ -22,7 +22,7 @@ import pytest
 from conftest import free_port
 from drivers.iec104 import Iec104Asset
 from drivers.iec104.driver import Iec104Driver
-from edge.backoff import Backoff
+from edge.runtime.backoff import Backoff
 from simulators.bess import BessSimulator, BessSpec
 from tests.conftest import DriverTask
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.messages import Telemetry
-from edge.profile import Profile
+from edge.uplink.messages import Telemetry
+from edge.config.profile import Profile
 from simulators.bess import BessSimulator, BessSpec
 from simulators.ocpp import EvSpec, OcppSimulator, StationSpec
 from simulators.p2h import P2hSimulator, P2hSpec

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from edge.spool import Spool
+from edge.uplink.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_FILES_UNUSABLE = 3

@@ -14,9 +14,9 @@ from datetime import datetime
 
 import pytest
 
-from edge.cycle_clock import CycleClock
-from edge.messages import Telemetry
-from edge.profile import Profile
+from edge.runtime.cycle_clock import CycleClock
+from edge.uplink.messages import Telemetry
+from edge.config.profile import Profile
 from simulators.deie import Confirmation, DeieOperator
 from simulators.sunspec import DeviceSpec, SunSpecSimulator
 from simulators.vpp import VppSimulator

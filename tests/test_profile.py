@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.profile import Profile, ProfileError, load_profile
+from edge.config.profile import Profile, ProfileError, load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 

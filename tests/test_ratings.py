@@ -20,9 +20,10 @@ from drivers.ocpp import OcppCharger, OcppChargerDriver, OcppServer
 from drivers.ocpp.driver import shared_system
 from drivers.ocpp.handlers import evse_max_power_kw
 from edge.asset import AssetDriver, AssetReading, DeviceRating
-from edge.daemon import Gateway
-from edge.profile import Profile, SunSpecAsset
-from edge.ratings import RatingsWatch, differ, judge, profile_rating_kw
+from edge.runtime.daemon import Gateway
+from drivers.sunspec.config import SunSpecAsset
+from edge.config.profile import Profile
+from edge.control.ratings import RatingsWatch, differ, judge, profile_rating_kw
 from simulators.bess import BessSimulator, BessSpec
 from simulators.ocpp import EvSpec, OcppSimulator, StationSpec
 from simulators.sunspec import DeviceSpec, SunSpecSimulator

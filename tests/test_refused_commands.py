@@ -160,8 +160,8 @@ class ScriptedBattery:
 
 
 def scripted_controller(tmp_path, *drivers):
-    from edge.controller import ControlledAsset, Controller
-    from edge.profile import Profile
+    from edge.control.cycle import ControlledAsset, Controller
+    from edge.config.profile import Profile
 
     profile = Profile.model_validate({
         "site": {"id": SITE}, "control": {"cycle_s": 1.0},
@@ -179,7 +179,7 @@ def scripted_controller(tmp_path, *drivers):
 def _setpoint(activation_kw: float, index: int) -> bytes:
     import json
 
-    from edge.setpoints import iso_time
+    from edge.control.setpoints import iso_time
 
     return json.dumps({"id": f"sp-{index}", "ts": iso_time(time.time()), "valid_s": 60,
                        "activation_kw": activation_kw}).encode()
@@ -198,7 +198,7 @@ async def test_a_refusing_device_reading_with_noise_is_not_sent_a_target_every_c
 
 
 async def test_a_device_that_holds_but_refuses_its_share_is_asked_ever_less_often(tmp_path):
-    from edge import controller as control
+    from edge.control import cycle as control
 
     unit = ScriptedBattery(accepts_up_to_kw=2.0)  # an unreported local limit: 0 kW is fine, 3 kW is not
     controller, events = scripted_controller(tmp_path, unit)

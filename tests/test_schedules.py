@@ -8,7 +8,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge.schedules import (
+from edge.control.schedules import (
     ConnectionLimits,
     Schedule,
     ScheduleBook,
@@ -19,7 +19,7 @@ from edge.schedules import (
     tightest_limits,
     time_weighted_mean,
 )
-from edge.setpoints import iso_time
+from edge.control.setpoints import iso_time
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z, a whole hour
 HOUR = 3600.0

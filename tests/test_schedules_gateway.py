@@ -7,7 +7,7 @@ the schedules (`<prefix>/<site>/schedule`) and their acks.
 from __future__ import annotations
 
 
-from edge.messages import ScheduleAck, Telemetry
+from edge.uplink.messages import ScheduleAck, Telemetry
 from simulators.sunspec import DeviceSpec, SunSpecSimulator
 from simulators.vpp import VppSimulator
 from tests.test_gateway import SITE, make_profile, online, running_gateway, until

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from edge.profile import Control
-from edge.setpoints import SetpointRejected, SetpointValidator, iso_time, parse_time
+from edge.config.profile import Control
+from edge.control.setpoints import SetpointRejected, SetpointValidator, iso_time, parse_time
 
 NOW = 1_800_000_000.0
 BAND = dict(band_up_kw=50.0, band_down_kw=50.0)

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from drivers.sunspec import create
 from drivers.sunspec.hub import hubs
 from drivers.sunspec.link import LinkFailure, ModbusLink
-from edge.profile import Profile, Serial, SunSpecAsset, load_profile
+from drivers.sunspec.config import Serial, SunSpecAsset
+from edge.config.profile import Profile, load_profile
 from simulators.sunspec import DeviceSpec
 from tests.conftest import DriverTask, free_port
 from tests.test_profile import check

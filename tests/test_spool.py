@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.spool import MIN_MAX_BYTES, Spool, SpoolError
+from edge.uplink.spool import MIN_MAX_BYTES, Spool, SpoolError
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -205,7 +205,7 @@ APPENDER = textwrap.dedent(
     import sys
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
-    from edge.spool import Spool
+    from edge.uplink.spool import Spool
     spool = Spool(Path(sys.argv[2]), 64 * 1024 * 1024)
     while True:
         seq = spool.append("site/telemetry", {"p_kw": 1.5, "pad": "x" * 500}, seq_stream="telemetry")

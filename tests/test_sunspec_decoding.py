@@ -42,7 +42,7 @@ from drivers.sunspec.measure import (
     device_ratings,
 )
 from edge.asset import AssetReading, DeviceRating
-from edge.profile import SunSpecAsset
+from drivers.sunspec.config import SunSpecAsset
 from simulators.sunspec import DeviceSpec
 from simulators.sunspec.device import SimulatedDevice
 

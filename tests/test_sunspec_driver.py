@@ -24,7 +24,7 @@ from drivers.sunspec.control import CommandError, build_writes, choose_path, cho
 from drivers.sunspec.discovery import MAX_REGISTERS_PER_READ, plan_reads
 from drivers.sunspec.driver import Backoff
 from drivers.sunspec.measure import build_reading
-from edge.profile import SunSpecAsset
+from drivers.sunspec.config import SunSpecAsset
 from simulators.sunspec import DeviceSpec, SunSpecSimulator
 
 # ---------------------------------------------------------------- helpers

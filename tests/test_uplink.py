@@ -22,9 +22,9 @@ import paho.mqtt.client as paho
 import pytest
 from conftest import Mosquitto, free_port
 
-from edge.profile import Profile
-from edge.spool import Spool
-from edge.uplink import Uplink
+from edge.config.profile import Profile
+from edge.uplink.spool import Spool
+from edge.uplink.mqtt import Uplink
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -190,9 +190,9 @@ UPLINK_PROCESS = textwrap.dedent(
     import asyncio, sys
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
-    from edge.profile import Profile
-    from edge.spool import Spool
-    from edge.uplink import Uplink
+    from edge.config.profile import Profile
+    from edge.uplink.spool import Spool
+    from edge.uplink.mqtt import Uplink
 
     async def main(mode, port, spool_path, count):
         profile = Profile.model_validate({"site": {"id": "demo"}, "uplink": {"mqtt": {"port": port}}})
@@ -602,7 +602,7 @@ async def test_mutual_tls_needs_the_client_certificate(tls_broker, pki, recorder
 
 
 def failures(caplog, site_port: int, level: int = logging.WARNING) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "edge.uplink" and r.levelno >= level
+    return [r for r in caplog.records if r.name == "edge.uplink.mqtt" and r.levelno >= level
             and r.getMessage().startswith(f"uplink to 127.0.0.1:{site_port}:")]
 
 
@@ -611,7 +611,7 @@ def repeats(caplog, site_port: int) -> list[logging.LogRecord]:
 
 
 async def test_a_refused_client_certificate_fails_fast_and_is_logged_once(tls_broker, pki, start_uplink, caplog):
-    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
     _, _, mtls_port = tls_broker
     started = time.time()
     # the production CONNACK timeout (10 s): a refused certificate must not wait for it
@@ -630,7 +630,7 @@ async def test_a_refused_client_certificate_fails_fast_and_is_logged_once(tls_br
 
 async def test_a_refusal_is_retried_at_its_own_slower_pace(tls_broker, pki, start_uplink, caplog):
     """A broker that refuses the certificate is not hammered at the outage pace (0.3 s here)."""
-    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
     _, _, mtls_port = tls_broker
     start_uplink(make_profile(mtls_port, site="nocert", tls={"ca_file": str(pki["ca.pem"])}), refusal_retry_s=2.0)
     await wait_for(lambda: failures(caplog, mtls_port), "the refusal logged", 5)
@@ -641,7 +641,7 @@ async def test_a_refusal_is_retried_at_its_own_slower_pace(tls_broker, pki, star
 
 @pytest.mark.parametrize("content", ["", "  \n\n"], ids=["empty", "whitespace"])
 async def test_an_empty_password_file_is_said_once_never_an_index_error(start_uplink, caplog, tmp_path, content):
-    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
     port = free_port()
     (tmp_path / "pw").write_text(content)
     uplink = start_uplink(make_profile(port, username="gateway", password_file=str(tmp_path / "pw")))
@@ -695,7 +695,7 @@ async def test_password_from_env_or_file_is_used_and_never_logged(password_broke
 
 
 async def test_refused_credentials_fail_fast_and_are_logged_once(password_broker, start_uplink, caplog, tmp_path):
-    caplog.set_level(logging.DEBUG, logger="edge.uplink")
+    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
     (tmp_path / "wrong").write_text(SECRET + "-wrong\n")
     started = time.time()
     uplink = start_uplink(make_profile(password_broker.port, username="gateway", password_file=str(tmp_path / "wrong")),
@@ -741,7 +741,7 @@ async def test_cancelling_run_also_publishes_the_shutdown_status(mosquitto, reco
     uplink = Uplink(make_profile(mosquitto.port), spool, lambda b: None, BIRTH, **FAST)
     task = asyncio.create_task(uplink.run())
     await wait_for(lambda: uplink.connected, "connection")
-    task.cancel()  # the order edge/daemon.py uses: cancel run(), then close()
+    task.cancel()  # the order edge/runtime/daemon.py uses: cancel run(), then close()
     await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
     assert task.cancelled()
     await asyncio.wait_for(uplink.close(), 3)

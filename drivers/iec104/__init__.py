@@ -77,12 +77,13 @@ from typing import TYPE_CHECKING, Any
 
 from edge.asset import EventSink
 
-from drivers.iec104.config import Iec104Asset, PointSpec, load_template
+from drivers.iec104.config import Iec104Asset, PointSpec, describe, load_template
+from drivers.registry import DriverSpec
 
 if TYPE_CHECKING:
     from drivers.iec104.driver import Backoff, Iec104Driver
 
-__all__ = ["Backoff", "Iec104Asset", "Iec104Driver", "PointSpec", "create", "load_template"]
+__all__ = ["Backoff", "DRIVER", "Iec104Asset", "Iec104Driver", "PointSpec", "create", "load_template"]
 
 
 def create(asset: Iec104Asset, cycle_s: float, emit_event: EventSink, *, clock=None) -> "Iec104Driver":
@@ -104,3 +105,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(driver, name)
     raise AttributeError(f"module 'drivers.iec104' has no attribute {name!r}")
+
+
+DRIVER = DriverSpec(name="iec104", asset_model=Iec104Asset, create=create, describe=describe)

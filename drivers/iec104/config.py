@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from edge.profile_types import AssetBase, Port, PositiveKw, Percent, Strict, _ranged
+from edge.config.types import AssetBase, Port, PositiveKw, Percent, Strict, _ranged
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "profiles" / "templates"
 
@@ -172,3 +172,9 @@ def load_template(name: str, kind: str | None = None) -> dict[str, PointSpec]:
     if kind is not None and template_kind and template_kind != kind:
         raise ValueError(f"template {name!r} is for kind {template_kind}, not {kind}")
     return dict(points)
+
+
+def describe(asset: Iec104Asset) -> str:
+    """The asset's link, one line for `flexedge check`."""
+    template = f", template {asset.template}" if asset.template else ""
+    return f"tcp {asset.host}:{asset.port} CA {asset.common_address}{template}"

@@ -43,8 +43,8 @@ from typing import Any
 import c104
 
 from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink
-from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
-from edge.cycle_clock import CycleClock
+from edge.runtime.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
+from edge.runtime.cycle_clock import CycleClock
 
 from drivers.iec104 import apdu
 from drivers.iec104.config import Iec104Asset, PointSpec

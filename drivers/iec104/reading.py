@@ -3,7 +3,7 @@
 Pure functions, no I/O: ``build_reading`` and ``feasible_target_kw`` are what
 the driver applies; their rules are listed in docs/drivers/iec104.md.
 ``available_peaks`` keeps the highest available power a battery has reported,
-the figure compared with the profile's ratings (edge/ratings.py).
+the figure compared with the profile's ratings (edge/control/ratings.py).
 """
 
 from __future__ import annotations

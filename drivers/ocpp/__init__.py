@@ -3,10 +3,11 @@
 Public API
 ----------
 ``create(asset, cycle_s, emit_event) -> OcppChargerDriver``
-    The daemon's per-asset factory (``drivers.create_driver``).  ``asset`` is an
+    The daemon's per-asset factory (``drivers.registry.create_driver``).  ``asset`` is an
     ``OcppCharger``.  All chargers of a site share one websocket server
     (``drivers.ocpp.driver`` explains how); call ``configure_site(server)``
-    with the site's ``OcppServer`` before creating drivers.
+    with the site's ``OcppServer`` before creating drivers (the daemon does, through
+    ``DRIVER.prepare_site``).
 
 ``OcppChargerDriver(asset, cycle_s, emit_event, server=None)``
     ``run()`` serves until cancelled; ``reading()`` gives ``online`` (link up),
@@ -60,11 +61,12 @@ from typing import Any
 
 from edge.asset import EventSink
 
-from drivers.ocpp.config import OcppCharger, OcppServer
+from drivers.ocpp.config import OcppCharger, OcppServer, describe
 from drivers.ocpp.limits import ChargeLimit, limit_for_target, needs_sending
+from drivers.registry import DriverSpec
 
 __all__ = [
-    "ChargeLimit", "OcppCentralSystem", "OcppCharger", "OcppChargerDriver", "OcppServer",
+    "DRIVER", "ChargeLimit", "OcppCentralSystem", "OcppCharger", "OcppChargerDriver", "OcppServer",
     "configure_site", "create", "limit_for_target", "needs_sending", "site_server",
 ]
 
@@ -88,3 +90,14 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'drivers.ocpp' has no attribute {name!r}")
+
+
+def prepare_site(profile: Any) -> None:
+    """The chargers share the site's one central system (the profile's ``ocpp`` section)."""
+    from drivers.ocpp.driver import configure_site
+
+    configure_site(profile.ocpp)
+
+
+DRIVER = DriverSpec(name="ocpp", asset_model=OcppCharger, create=create, describe=describe,
+                    site_model=OcppServer, prepare_site=prepare_site)

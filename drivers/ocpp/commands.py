@@ -26,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ocpp.exceptions import OCPPError
 from ocpp.v16 import call as call16
 from ocpp.v201 import call as call201
+
+from edge.runtime.backoff import Backoff
 
 from drivers.ocpp.config import OcppCharger
 from drivers.ocpp.limits import ChargeLimit, limit_for_target, needs_sending
@@ -176,7 +177,7 @@ async def command_loop(point, session: ChargerSession, version: str) -> None:
     goes back to the front of the queue.  Retries wait for a timer, then for a turn too."""
     pacer = session.pacer
     loop = asyncio.get_running_loop()
-    failures = 0
+    backoff = Backoff(RETRY_FIRST_S, RETRY_CAP_S)  # .attempt: refusals in a row
     retry: asyncio.TimerHandle | None = None
     triggered = False
 
@@ -206,21 +207,19 @@ async def command_loop(point, session: ChargerSession, version: str) -> None:
             if retry is not None:
                 continue  # backing off: retry_due asks for the turn that sends the newest limit
             limit = limit_for_target(charger, session.target_kw)
-            if not failures and not needs_sending(session.limit_in_force, limit, charger.deadband_kw):
+            if not backoff.attempt and not needs_sending(session.limit_in_force, limit, charger.deadband_kw):
                 continue
             if purpose_for_safe(charger, version) == "TxProfile" and session.transaction_id is None:
-                failures = 0
+                backoff.reset()
                 continue  # a TxProfile needs a transaction; sent when one starts
             outcome = await send_limit(point, session, version, limit)
             if outcome == ACCEPTED:
-                failures = 0
+                backoff.reset()
                 continue
             if outcome == FALLBACK:
                 session.request_command(front=True)
                 continue
-            failures += 1
-            ceiling = min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** min(failures - 1, 10))
-            retry = loop.call_later(ceiling / 2 + random.random() * ceiling / 2, retry_due)
+            retry = loop.call_later(backoff.next_delay(), retry_due)
     finally:
         if retry is not None:
             retry.cancel()

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from edge.profile_types import AssetBase, Port, Strict, _ranged
+from edge.config.types import AssetBase, Port, Strict, _ranged
 
 Amps = Annotated[float, _ranged(0.0, 1000.0)]
 CHARGE_POINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:*+|@-]{0,47}$"
@@ -162,3 +162,8 @@ class OcppCharger(AssetBase):
                 raise ValueError(f"password_env: environment variable {self.password_env} is not set")
             return value
         return None
+
+
+def describe(asset: OcppCharger) -> str:
+    """The charger, one line for `flexedge check`."""
+    return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}"

@@ -10,7 +10,7 @@ in docs/drivers/sunspec.md.
 Public API
 ----------
 
-``create(asset: edge.profile.SunSpecAsset, cycle_s: float, emit_event: edge.asset.EventSink) -> SunSpecDriver``
+``create(asset: drivers.sunspec.config.SunSpecAsset, cycle_s: float, emit_event: edge.asset.EventSink) -> SunSpecDriver``
     Build the driver (nothing is opened until ``run()``).
 
 ``class SunSpecDriver(edge.asset.AssetDriver)``
@@ -83,17 +83,39 @@ negated.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from edge.asset import EventSink
-from edge.cycle_clock import CycleClock
+from edge.runtime.cycle_clock import CycleClock
 
-from drivers.sunspec.driver import Backoff, SunSpecDriver
+from drivers.registry import DriverSpec
+from drivers.sunspec.config import Serial, SunSpecAsset, describe, shared_link_problems
 
-__all__ = ["Backoff", "SunSpecDriver", "create"]
+if TYPE_CHECKING:
+    from drivers.sunspec.driver import Backoff, SunSpecDriver
+
+__all__ = ["Backoff", "DRIVER", "Serial", "SunSpecAsset", "SunSpecDriver", "create"]
 
 
-def create(asset, cycle_s: float, emit_event: EventSink, *, clock: CycleClock | None = None) -> SunSpecDriver:
+def create(asset, cycle_s: float, emit_event: EventSink, *, clock: CycleClock | None = None) -> "SunSpecDriver":
+    # Imported here: the profile loads this package for its model, and
+    # `flexedge check` has no business loading pymodbus and pysunspec2.
+    from drivers.sunspec.driver import SunSpecDriver
+
     if asset.driver != "sunspec":
         raise ValueError(f"asset {asset.id!r}: driver is {asset.driver!r}, not 'sunspec'")
     if not cycle_s > 0:
         raise ValueError(f"asset {asset.id!r}: cycle_s must be positive, got {cycle_s!r}")
     return SunSpecDriver(asset, cycle_s, emit_event, clock=clock)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Backoff", "SunSpecDriver"):
+        from drivers.sunspec import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'drivers.sunspec' has no attribute {name!r}")
+
+
+DRIVER = DriverSpec(name="sunspec", asset_model=SunSpecAsset, create=create, describe=describe,
+                    check_assets=shared_link_problems)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink, VoltVarCurve
-from edge.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
-from edge.cycle_clock import CycleClock
+from edge.runtime.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
+from edge.runtime.cycle_clock import CycleClock
 
 from drivers.sunspec.codec import ModelBlock, ModelLayout, layout_for
 from drivers.sunspec.control import CommandError, build_writes, choose_path, choose_var_path

@@ -11,7 +11,7 @@ Public API
 ----------
 
 ``hub_for(asset) -> LinkHub``
-    The hub of ``asset.link_key`` (edge/profile.py: ``("tcp", host, port)`` or ``("rtu",
+    The hub of ``asset.link_key`` (drivers/sunspec/config.py: ``("tcp", host, port)`` or ``("rtu",
     device)``) on the running event loop, made on first use.  The registry holds hubs
     weakly: a hub lives while a handle refers to it.
 
@@ -65,7 +65,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
-from edge.backoff import Backoff
+from edge.runtime.backoff import Backoff
 
 log = logging.getLogger("flexedge.drivers.sunspec.hub")
 

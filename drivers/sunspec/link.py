@@ -10,7 +10,7 @@ makes sure that several assets reconnecting at once make one connect.
 Public API:
 
 ``ModbusLink(asset, on_link_down=None)``
-    ``asset`` is an ``edge.profile.SunSpecAsset``; ``host``/``port`` select TCP,
+    ``asset`` is an ``drivers.sunspec.config.SunSpecAsset``; ``host``/``port`` select TCP,
     ``serial`` selects RTU.  ``unit_id`` is sent as pymodbus' ``device_id``,
     ``timeout_s`` bounds every request and the connect.  ``on_link_down(reason)`` is
     called when the shared link is lost or given up while this handle is attached (all

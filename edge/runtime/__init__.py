@@ -1,0 +1,1 @@
+"""The daemon and what keeps it running: supervision, backoff, health, systemd, logs."""
