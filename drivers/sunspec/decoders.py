@@ -180,40 +180,20 @@ def value_decoder(layout: ModelLayout, name: str, start: int) -> ValueDecoder | 
                     return None
                 if signed and v & 0x8000:
                     v -= 0x10000
-                e = regs[sf_index]
-                if e == 0x8000:
+                e = _exponent(regs[sf_index], problems, outside)
+                if e is None:
                     return None
-                if e & 0x8000:
-                    e -= 0x10000
-                if e >= 0:
-                    if e > SF_LIMIT:
-                        problems.append(outside % e)
-                        return None
-                    return float(v * _POW10[e])
-                if e < -SF_LIMIT:
-                    problems.append(outside % e)
-                    return None
-                return v / _POW10[-e]
+                return float(v * _POW10[e]) if e >= 0 else v / _POW10[-e]
             return value
 
         def value(regs, problems):
             v = raw(regs)
             if v is None:
                 return None
-            e = regs[sf_index]
-            if e == 0x8000:
+            e = _exponent(regs[sf_index], problems, outside)
+            if e is None:
                 return None
-            if e & 0x8000:
-                e -= 0x10000
-            if e >= 0:
-                if e > SF_LIMIT:
-                    problems.append(outside % e)
-                    return None
-                return float(v * _POW10[e])
-            if e < -SF_LIMIT:
-                problems.append(outside % e)
-                return None
-            return v / _POW10[-e]
+            return float(v * _POW10[e]) if e >= 0 else v / _POW10[-e]
         return value
     if spec.type == "float32" and spec.size == 2:
         raw = _raw(spec, index)
@@ -226,13 +206,8 @@ def value_decoder(layout: ModelLayout, name: str, start: int) -> ValueDecoder | 
             if sf_index is None:
                 e = fixed
             else:
-                e = regs[sf_index]
-                if e == 0x8000:
-                    return None
-                if e & 0x8000:
-                    e -= 0x10000
-                if not -SF_LIMIT <= e <= SF_LIMIT:
-                    problems.append(outside % e)
+                e = _exponent(regs[sf_index], problems, outside)
+                if e is None:
                     return None
             if not math.isfinite(f):
                 problems.append(not_finite % f)
@@ -244,3 +219,15 @@ def value_decoder(layout: ModelLayout, name: str, start: int) -> ValueDecoder | 
             return v
         return value
     return _fallback(layout, name, start)
+
+
+def _exponent(register: int, problems: list[str], outside: str) -> int | None:
+    """A scale-factor register as a power of ten; None when it is not implemented, or (with
+    a problem noted) outside -SF_LIMIT..SF_LIMIT."""
+    if register == 0x8000:
+        return None
+    e = register - 0x10000 if register & 0x8000 else register
+    if not -SF_LIMIT <= e <= SF_LIMIT:
+        problems.append(outside % e)
+        return None
+    return e
