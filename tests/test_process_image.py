@@ -189,3 +189,48 @@ async def test_a_grid_order_shows_in_the_first_telemetry_after_the_devices_obeye
                     assert report.received_at - obeyed_at <= cycle_s + 0.1
                     assert await operator.send_limit(None) is Confirmation.POSITIVE
                     await until(lambda: sum(d.power_kw for d in sim.devices) > 15.5, 3, "limit lifted")
+
+
+# ------------------------------------------------------------------ a driver on its own clock
+
+
+async def test_a_stalled_loop_delays_the_polls_but_takes_no_device_offline():
+    """A loop blocked across the poll window (a GC pass, a large schedule): the polls come late,
+    none is skipped, so a healthy device is never two cycles silent."""
+    from tests.test_sunspec_driver import driving, simulated, tcp_asset
+
+    cycle_s = 0.5
+    async with simulated(DeviceSpec(kind="pv", sun_kw=6.0)) as sim:
+        async with driving(tcp_asset(sim.device()), cycle_s=cycle_s) as (driver, events):
+            clock = driver.clock
+            await asyncio.sleep(2 * cycle_s)
+            for _ in range(2):
+                k = clock.upcoming_tick() + 1
+                await asyncio.sleep(clock.tick_at(k) - clock.lead_s(0) - 0.01 - time.monotonic())
+                time.sleep(clock.lead_s(0) + 0.03)  # blocks the loop across the whole window and the tick
+                await asyncio.sleep(2 * cycle_s)
+            assert not events.of("asset_offline"), events.of("asset_offline")
+            assert driver.reading().online
+
+
+async def test_the_periodic_rescan_runs_after_the_tick_and_does_not_widen_the_window():
+    from tests.test_sunspec_driver import driving, simulated, tcp_asset
+
+    cycle_s = 0.5
+    async with simulated(DeviceSpec(kind="pv", sun_kw=6.0)) as sim:
+        async with driving(tcp_asset(sim.device()), cycle_s=cycle_s) as (driver, events):
+            real_read = driver.link.read
+
+            async def slow_read(address, count):  # 20 ms a request, as on a 9600 baud RS-485 line
+                await asyncio.sleep(0.02)
+                return await real_read(address, count)
+
+            driver.link.read = slow_read
+            clock = driver.clock
+            await asyncio.sleep(4 * cycle_s)
+            guard_polls_only = clock.guard_s
+            driver._next_rescan = 0.0  # the rescan (every ~10 min) falls due
+            await asyncio.sleep(3 * cycle_s)
+            assert driver._next_rescan > time.monotonic() + 60  # it ran, and set the next one
+            assert clock.guard_s == pytest.approx(guard_polls_only, abs=0.015)
+            assert not events.of("asset_offline")

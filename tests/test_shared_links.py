@@ -333,6 +333,16 @@ def test_check_refuses_conflicting_serial_settings_and_a_unit_id_used_twice_on_o
     )
 
 
+def test_a_meter_may_share_its_unit_id_with_the_inverter_whose_chain_carries_it():
+    base = {"site": {"id": "s"}, "uplink": {"mqtt": {"host": "127.0.0.1"}}}
+    inverter = {"id": "inv", "kind": "pv", "driver": "sunspec", "host": "10.0.0.5", "unit_id": 1}
+    meter = {"id": "grid", "kind": "meter", "driver": "sunspec", "host": "10.0.0.5", "unit_id": 1,
+             "connection_point": True}
+    Profile.model_validate({**base, "assets": [inverter, meter]})
+    with pytest.raises(ValueError, match="asset 'inv2' and asset 'inv' .* both use unit id 1 on 10.0.0.5:502"):
+        Profile.model_validate({**base, "assets": [inverter, meter, {**inverter, "id": "inv2"}]})
+
+
 def test_shared_links_that_agree_pass(tmp_path):
     text = SHARED.replace("      baudrate: 19200\n      parity: E\n", "      inter_frame_delay_ms: 20\n")
     text = text.replace("    serial: {port: /dev/ttyUSB0, baudrate: 9600}\n    unit_id: 1\n",
@@ -396,3 +406,35 @@ async def test_gateway_drives_three_units_behind_one_endpoint_over_one_connectio
                 write = await device.next_write("WMaxLimPct", model_id=704, after_s=sent_at, timeout_s=2.0)
                 assert write.unit_id == device.unit_id and write.value == pytest.approx(60.0, abs=0.05)
             assert established(port) == 1
+
+
+async def test_an_endpoint_that_accepts_and_drops_at_once_is_retried_at_the_backoffs_pace():
+    """A data manager over its connection limit accepts and resets: one attempt per connect()
+    call, the next after the back-off, not a reconnect in a tight loop."""
+    accepts = 0
+
+    async def accept_and_reset(reader, writer):
+        nonlocal accepts
+        accepts += 1
+        writer.transport.abort()
+
+    server = await asyncio.start_server(accept_and_reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    links = [ModbusLink(SunSpecAsset(id=f"pv{u}", kind="pv", driver="sunspec", host="127.0.0.1", port=port,
+                                     unit_id=u, timeout_s=0.3)) for u in (1, 2)]
+    try:
+        deadline = time.monotonic() + 2.0
+        failures = 0
+        while (left_s := deadline - time.monotonic()) > 0:
+            # a connect() that finds the last attempt failed moments ago waits for the next one
+            results = await asyncio.gather(*(asyncio.wait_for(link.connect(), left_s) for link in links),
+                                           return_exceptions=True)
+            assert all(isinstance(r, (LinkFailure, TimeoutError)) for r in results), results  # never connects
+            failures += sum(isinstance(r, LinkFailure) for r in results)
+        assert failures >= 4  # each attempt's failure reaches every asset waiting for it
+        assert accepts <= 6, f"{accepts} connections in 2 s"  # 0.1, 0.2, 0.4, 0.8 s apart at most
+    finally:
+        for link in links:
+            link.close()
+        server.close()
+        await server.wait_closed()

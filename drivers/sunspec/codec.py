@@ -214,8 +214,15 @@ class ModelBlock:
         return scale(raw, exponent)
 
     def text(self, name: str) -> str | None:
-        raw = self.raw(name)
-        return raw.strip("\0 ").strip() if isinstance(raw, str) else None
+        """A string point, trimmed; None if absent or empty.  Bytes that are not UTF-8 (Latin-1
+        text, 0xFFFF filler) are replaced, not refused: a device's name is worth less than its data."""
+        spec = self.layout.points.get(name)
+        if spec is None or spec.type != "string":
+            raw = self.raw(name)
+            return raw.strip("\0 ").strip() if isinstance(raw, str) else None
+        data = _registers_to_bytes(self.registers[spec.offset : spec.offset + spec.size])
+        text = data.decode("utf-8", errors="replace").strip("\0 ").strip()
+        return text if text.strip("\ufffd") else None  # 0xFFFF filler: no name at all
 
 
 def scale(raw: int | float, exponent: int) -> float:

@@ -104,12 +104,14 @@ def shared_link_problems(assets: list[Any]) -> list[tuple[tuple[Any, ...], str]]
                                      f"asset {asset.id!r} sets {name} {mine} on {asset.link_text()}, asset {other.id!r} "
                                      f"(assets[{first}]) sets {theirs} on the same port: the assets of one serial "
                                      f"line share one client and its settings ({', '.join(Serial.LINE_KEYS)})"))
-        owner = unit_owner.setdefault(key + (asset.unit_id,), index)
+        # An inverter's SunSpec chain may carry the meter at its connection point too (models
+        # 201-204 after its own), so a meter may share a unit id with one inverter, no more.
+        owner = unit_owner.setdefault(key + (asset.unit_id, asset.kind == "meter"), index)
         if owner != index:
             problems.append((("assets", index, "unit_id"),
                              f"asset {asset.id!r} and asset {assets[owner].id!r} (assets[{owner}]) both use unit id "
                              f"{asset.unit_id} on {asset.link_text()}: each device on a shared link needs its own "
-                             f"unit id"))
+                             f"unit id (only a meter may share one with an inverter whose chain carries it)"))
     return problems
 
 

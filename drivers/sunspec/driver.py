@@ -18,7 +18,7 @@ from typing import Any
 
 from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink, VoltVarCurve
 from edge.runtime.backoff import Backoff  # noqa: F401  (re-exported: tests and callers use drivers.*.Backoff)
-from edge.runtime.cycle_clock import CycleClock
+from edge.runtime.cycle_clock import CycleClock, PollSlot
 
 from drivers.sunspec.codec import ModelBlock, ModelLayout, layout_for
 from drivers.sunspec.control import CommandError, build_writes, choose_path, choose_var_path
@@ -49,6 +49,7 @@ COMMON_MODEL = 1
 # a periodic walk of the chain (a few two-register reads) catches that too.
 RESCAN_INTERVAL_S = 600.0
 REFRESH_MAX_S = 60.0  # a command in force is written again at least this often
+RESCAN_AFTER_TICK_S = 0.005  # a due rescan runs this long after the tick its poll was for
 VOLT_VAR_RETRY_S = 30.0  # a volt-var curve found not in force is written again at most this often
 
 
@@ -86,11 +87,12 @@ class SunSpecDriver(AssetDriver):
         # made on its own (a test, a tool) runs a clock of its own.
         self.clock = clock if clock is not None else CycleClock(cycle_s)
         self._own_clock = clock is None
-        self._slot = self.clock.join(self._poll_due, self._check_liveness)
+        self._slot: PollSlot | None = None  # its place in the clock's poll groups, while run() runs
         self._poll_for: int | None = None  # the tick the clock asked a poll for, not yet done
         # A power command went out after the poll for the coming tick: read the device again at
         # this moment (monotonic), as late before the tick as the polls are, to see it obey.
         self._reread_at: float | None = None
+        self._rescan_at: float | None = None  # the periodic rescan, due just after a tick
         # Checked by the clock's watchdog (eight times a cycle) and whenever the reading is
         # taken, so the verdict comes at most two cycles after the last answer.
         self.offline_after_s = 2.0 * cycle_s - cycle_s / 8
@@ -208,6 +210,7 @@ class SunSpecDriver(AssetDriver):
 
     async def run(self) -> None:
         self._started = time.monotonic()
+        self._slot = self.clock.join(self._poll_due, self._check_liveness)
         try:
             if self._own_clock:
                 async with asyncio.TaskGroup() as group:
@@ -216,6 +219,8 @@ class SunSpecDriver(AssetDriver):
             else:
                 await self._connection_loop()
         finally:
+            self.clock.leave(self._slot)
+            self._slot = None
             self.link.close()
 
     # ---------------------------------------------------------- connection
@@ -234,7 +239,7 @@ class SunSpecDriver(AssetDriver):
                     await self._write_volt_var()
                 self.backoff.reset()
                 self._failures_logged = 0
-                self._poll_for = self._reread_at = None  # just read: the clock's next call is the next poll
+                self._poll_for = self._reread_at = self._rescan_at = None  # just read and walked
                 await self._serve()
             except MapChanged as change:
                 log.warning("%s: model map changed (%s); rescanning", self.asset_id, change)
@@ -408,13 +413,21 @@ class SunSpecDriver(AssetDriver):
                 self._reread_at = None
                 await self._poll()
                 continue
+            if self._rescan_at is not None and time.monotonic() >= self._rescan_at:
+                # Just after a tick, outside the poll window: the walk of the map delays no poll
+                # (nor another asset's on a shared link), and its time is not a poll's.
+                self._rescan_at = None
+                if await self._discover():
+                    log.warning("%s: model map changed (periodic rescan)", self.asset_id)
+                    await self._poll()
+                continue
             if self._poll_for is not None:
                 tick, self._poll_for = self._poll_for, None
                 woken = time.monotonic()
-                if woken >= self._next_rescan and await self._discover():
-                    log.warning("%s: model map changed (periodic rescan)", self.asset_id)
                 await self._poll()
                 self.clock.poll_done(self._slot, tick, time.monotonic() - woken)
+                if woken >= self._next_rescan and self._rescan_at is None:
+                    self._rescan_at = max(time.monotonic(), self.clock.tick_at(tick) + RESCAN_AFTER_TICK_S)
                 for setting in self._settings:
                     if (setting.release_unconfirmed or setting.target is not None) and self._refresh_due(setting):
                         await self._write(setting, refresh=True)
@@ -425,11 +438,12 @@ class SunSpecDriver(AssetDriver):
             self._wake.clear()
             if any(setting.pending for setting in self._settings) or self._volt_var_pending:
                 continue
-            if self._reread_at is None:
+            timed = [at for at in (self._reread_at, self._rescan_at) if at is not None]
+            if not timed:
                 await self._wake.wait()
                 continue
             try:
-                async with asyncio.timeout(max(0.0, self._reread_at - time.monotonic())):
+                async with asyncio.timeout(max(0.0, min(timed) - time.monotonic())):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -557,7 +571,7 @@ class SunSpecDriver(AssetDriver):
                 "; ".join(map(str, writes)),
             )
         setting.release_unconfirmed = False
-        if not refresh and self.clock.polled_for_upcoming(self._slot):
+        if not refresh and self._slot is not None and self.clock.polled_for_upcoming(self._slot):
             clock = self.clock
             self._reread_at = max(time.monotonic(), clock.tick_at(clock.upcoming_tick()) - clock.guard_s)
         if refresh or any(label.endswith("RvrtTms") for write in writes for label in write.points):

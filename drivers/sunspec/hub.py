@@ -149,6 +149,7 @@ class LinkHub:
         self._connecting: asyncio.Task | None = None
         self._backoff = Backoff(first_s=0.1, cap_s=30.0)
         self._retry_at = 0.0  # no new connect attempt before this (monotonic)
+        self._answered = False  # the connection now open has carried an answer
         self._silent_units: set[int] = set()  # units that timed out since the link last carried an answer
         self._quiet_until = 0.0  # serial: no request before this (monotonic)
 
@@ -228,6 +229,10 @@ class LinkHub:
                     raise  # this waiter was cancelled
                 _reraise_swallowed_cancel()
                 raise LinkFailure(f"connect to {self.describe()} abandoned") from None
+            if not self.connected:
+                # Opened and closed at once (an endpoint over its connection limit does that): one
+                # attempt per call, and the next only after the back-off (set by _lost).
+                raise LinkFailure(f"{self.describe()} closed the connection as soon as it opened")
 
     def _connect_done(self, task: asyncio.Task) -> None:
         # Runs before the waiters resume (added before shield's callback).
@@ -259,8 +264,7 @@ class LinkHub:
             self._retry_at = time.monotonic() + self._backoff.next_delay()
             raise LinkFailure(f"cannot connect to {self.describe()}" + (f": {why}" if why else ""))
         self._client = client
-        self._backoff.reset()
-        self._retry_at = 0.0
+        self._answered = False  # the back-off is reset by the first answer, not by the connect
         self._silent_units.clear()
         self.opened += 1
         if len(self.handles) > 1 or self.opened > 1:
@@ -288,6 +292,10 @@ class LinkHub:
         _close_quietly(client)
         self.losses += 1
         self._silent_units.clear()
+        if not self._answered:
+            # Lost before any answer: the next connect waits for the back-off, or an endpoint that
+            # accepts and drops at once would be reconnected to in a tight loop.
+            self._retry_at = time.monotonic() + self._backoff.next_delay()
         log.warning("%s: link down, %d asset(s) on it: %s", self.describe(), len(self.handles), reason)
         # At once (synchronously): the asset whose request found the link dead detaches right after.
         for handle in list(self.handles):
@@ -329,6 +337,10 @@ class LinkHub:
                 if (gap_s := self.inter_frame_s()) > 0:
                     self._quiet_until = time.monotonic() + gap_s
             self._silent_units.clear()  # the link carries answers
+            if not self._answered:
+                self._answered = True
+                self._backoff.reset()
+                self._retry_at = 0.0
         _reraise_swallowed_cancel()
         if response.isError():
             code = getattr(response, "exception_code", 0)

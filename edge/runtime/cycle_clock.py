@@ -138,8 +138,8 @@ class CycleClock:
                 delay = tick - self.lead_s(group) - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if time.monotonic() >= tick:  # fell behind: this tick's window is gone
-                    break
+                # Behind (a stalled loop): the groups not yet woken still poll, late; a skipped
+                # poll would leave a healthy device two cycles silent, and offline.
                 self._wake(members, k)
             self._end_cycle()
             k = max(k + 1, self.upcoming_tick())
