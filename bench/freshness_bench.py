@@ -492,7 +492,7 @@ async def run(args) -> dict:
         deie_window = (0.0, 0.0)
         if args.deie_orders > 0:
             print(f"phase 3: DEIE, {args.deie_orders} limit orders", file=sys.stderr)
-            from edge.deie_config import load_template
+            from drivers.deie.config import load_template
             from simulators.deie import DeieOperator
 
             deie_port = free_port()
