@@ -81,7 +81,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway_bench import cpu_seconds, free_port, rss_mb, steal_s  # noqa: E402
-from bench.iec104_bench import machine_busy_s  # noqa: E402
+from bench.iec104_bench import machine_busy_s, stop_process  # noqa: E402
 from edge.runtime.health import percentile  # noqa: E402
 from simulators.vpp import VppSimulator  # noqa: E402
 
@@ -114,14 +114,8 @@ class Procs:
 
     def stop(self, name: str, timeout_s: float = 15.0) -> None:
         proc = self.running.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc is not None:
+            stop_process(proc, timeout_s)
 
     def stop_all(self) -> None:
         for name in list(self.running):

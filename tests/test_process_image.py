@@ -133,7 +133,7 @@ async def test_telemetry_carries_fresh_values_and_their_age(tmp_path, mosquitto)
             assert wall(first["ts"]) - (changed_at + offset) <= cycle_s + window_s + 0.05
 
 
-async def test_each_poll_lands_before_the_tick_and_no_driver_keeps_a_timer_of_its_own(tmp_path, mosquitto):
+async def test_one_clock_serves_the_site_and_the_image_holds_every_asset(tmp_path, mosquitto):
     specs = [DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=5.0) for _ in range(4)]
     async with SunSpecSimulator(specs) as sim:
         profile = make_profile(tmp_path, mosquitto.port, sim.devices, cycle_s=0.5)

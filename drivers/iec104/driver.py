@@ -110,7 +110,7 @@ class Iec104Driver(AssetDriver):
         self.points = asset.point_map()
         self.endpoint = f"{asset.host}:{asset.port}/CA{asset.common_address}"
         self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=RECONNECT_CAP_S)
-        self.offline_after_s = 2.0 * cycle_s - cycle_s / 8  # checked eight times a cycle
+        self.offline_after_s = self.clock.offline_after_s  # checked by the clock's watchdog
         self.probe_after_s = cycle_s / 2
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: LoopInbox | None = None

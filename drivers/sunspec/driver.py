@@ -93,9 +93,8 @@ class SunSpecDriver(AssetDriver):
         # this moment (monotonic), as late before the tick as the polls are, to see it obey.
         self._reread_at: float | None = None
         self._rescan_at: float | None = None  # the periodic rescan, due just after a tick
-        # Checked by the clock's watchdog (eight times a cycle) and whenever the reading is
-        # taken, so the verdict comes at most two cycles after the last answer.
-        self.offline_after_s = 2.0 * cycle_s - cycle_s / 8
+        # Checked by the clock's watchdog and whenever the reading is taken.
+        self.offline_after_s = self.clock.offline_after_s
         self.backoff = backoff or Backoff(first_s=min(0.1, cycle_s), cap_s=30.0)
         self.link = ModbusLink(asset, on_link_down=self._link_down)  # shared per endpoint (drivers/sunspec/hub.py)
         self.model_map: ModelMap | None = None

@@ -73,6 +73,12 @@ class CycleClock:
         now = time.monotonic() if now is None else now
         return max(1, math.floor((now - self.t0) / self.cycle_s) + 1)
 
+    @property
+    def offline_after_s(self) -> float:
+        """Silence after which a device is offline: the watchdog, checking eight times a cycle,
+        then says so at most two cycles after the last answer."""
+        return 2.0 * self.cycle_s - self.cycle_s / WATCHDOG_PER_CYCLE
+
     def lead_s(self, group: int) -> float:
         """How long before a tick ``group`` is woken to poll for it."""
         return self.guard_s + (len(self._groups) - 1 - group) * self.spacing_s
