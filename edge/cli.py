@@ -1,4 +1,4 @@
-"""The `flexedge` command: run, check, schema, demo (docs/cli.md)."""
+"""The `flexedge` command: run, check, schema, demo, probe, diagnostics (docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -196,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the profile's JSON Schema")
     schema.set_defaults(func=cmd_schema)
+
+    from edge.commission import diagnostics, probe
+
+    probe_parser = sub.add_parser("probe", help="look at a device: identity, points, live values (commissioning)")
+    probe.add_arguments(probe_parser)
+    probe_parser.set_defaults(func=probe.run)
+
+    diagnostics_parser = sub.add_parser("diagnostics", help="write one archive for a support ticket")
+    diagnostics.add_arguments(diagnostics_parser)
+    diagnostics_parser.set_defaults(func=diagnostics.run)
 
     # `flexedge demo --help` is the demo's own (simulators/demo/__init__.py)
     demo = sub.add_parser("demo", help="run the demo site on bundled simulators", add_help=False)

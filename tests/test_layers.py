@@ -28,14 +28,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("edge.uplink",),
     # 4. The control cycle and everything it decides with.
     ("edge.control",),
-    # 5. The daemon, which wires drivers, control and uplink together.
-    ("edge.runtime",),
-    # 6. The command line.
-    ("edge.cli",),
+    # 5. The daemon, which wires drivers, control and uplink together, and its local
+    #    HTTP endpoint (metrics, health, status page), which only reads it.
+    ("edge.runtime", "edge.local"),
+    # 6. The command line and the commissioning tools it runs (probe, diagnostics).
+    ("edge.cli", "edge.commission"),
 ]
 
 # edge/ reaches the drivers only through the registry, and only from these modules.
-DRIVER_DOORS = {"edge.config.profile", "edge.runtime.daemon", "edge.cli"}
+DRIVER_DOORS = {"edge.config.profile", "edge.runtime.daemon", "edge.cli", "edge.commission.probe"}
 # The one way from the product to the simulators: `flexedge demo` runs the demo, which
 # lives with the simulators (simulators/demo/), imported only when that command runs.
 ALLOWED = {("edge.cli", "simulators.demo")}
