@@ -49,6 +49,10 @@ class DriverSpec:
     # What is wrong between the profile's assets of this driver taken together (assets
     # sharing a field link that cannot share it): (key path, message) for each problem.
     check_assets: Callable[[list[Any]], list[tuple[tuple[Any, ...], str]]] | None = None
+    # `flexedge probe <name>`: the module (e.g. "drivers.sunspec.probe") with ``HELP``,
+    # ``add_arguments(parser)`` and ``async probe(args, report)``; imported only when the command
+    # runs (edge/commission/probe.py says what the functions do).
+    probe: str | None = None
 
 
 @dataclass(frozen=True)

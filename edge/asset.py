@@ -59,6 +59,31 @@ class AssetReading:
     read_at: float = field(default_factory=time.time)  # wall time of the measurement, s since epoch
 
 
+@dataclass(slots=True)
+class CommandLog:
+    """What the device answered to the driver's power commands: counts, and the last one.
+
+    Kept by every driver (``AssetDriver.command_log``) for the local endpoint's metrics and
+    status page (docs/local.md); noting a command costs no I/O.
+    """
+
+    succeeded: int = 0
+    failed: int = 0
+    last_asked: str | None = None  # what was asked, e.g. "target_kw=12.5" or "limit=16A"
+    last_ok: bool | None = None
+    last_answer: str = ""  # the device's answer, or why the command failed
+    last_at: float | None = None  # wall time, s since epoch
+
+    def note(self, key: str, value: float | None, ok: bool, answer: str, unit: str = "") -> None:
+        """A command for ``key`` (e.g. target_kw) of ``value`` (None: release) was answered."""
+        if ok:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        shown = "release" if value is None else f"{round(value, 2):g}{unit}"
+        self.last_asked, self.last_ok, self.last_answer, self.last_at = f"{key}={shown}", ok, answer[:300], time.time()
+
+
 class AssetDriver(abc.ABC):
     """Base of every protocol driver.  One instance per asset in the profile."""
 
@@ -66,6 +91,7 @@ class AssetDriver(abc.ABC):
         self.asset_id = asset_id
         self.cycle_s = cycle_s
         self.emit_event = emit_event
+        self.command_log = CommandLog()
 
     @abc.abstractmethod
     async def run(self) -> None:

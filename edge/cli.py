@@ -15,16 +15,29 @@ EXIT_PROFILE_INVALID = 2
 EXIT_FILES_UNUSABLE = 3  # the profile is valid, but a file or folder it names cannot be used here
 
 
+def _print_problem(problem, prefix: str = "  ") -> None:
+    print(f"{prefix}{problem}", file=sys.stderr)
+    for line in problem.excerpt.splitlines():  # the line of a syntax error, a caret under the spot
+        print(f"      {line}", file=sys.stderr)
+
+
+def _report_errors(path: str, problems) -> None:
+    if len(problems) == 1 and problems[0].line <= 0:  # the file itself (missing, a folder ...): one line
+        print(problems[0], file=sys.stderr)
+        return
+    count = len(problems)
+    print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+    for problem in problems:
+        _print_problem(problem)
+
+
 def _load_or_report(path: str):
     from edge.config.profile import ProfileError, load_profile
 
     try:
         return load_profile(path)
     except ProfileError as error:
-        count = len(error.problems)
-        print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
-        for problem in error.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report_errors(path, error.problems)
         return None
 
 
@@ -40,6 +53,7 @@ def summary(profile) -> str:
     grid = profile.grid
     lines = [
         f"site     {profile.site.id}" + (f" ({profile.site.name})" if profile.site.name else "") + f", {profile.site.timezone}",
+        f"profile  sha256 {profile.source_sha256 or 'none'}, version {profile.version or 'none'}",
         f"control  cycle {profile.control.cycle_s:g} s, setpoint timeout {profile.control.setpoint_timeout_s:g} s, "
         f"fallback ramp {profile.control.fallback.ramp_kw_per_s:g} kW/s, allocation {profile.control.allocation}"
         + (f", committed band +{_kw(profile.control.committed_band_up_kw)}/-{_kw(profile.control.committed_band_down_kw)}"
@@ -95,39 +109,55 @@ def _kw(value) -> str:
     return "none" if value is None else f"{value:g} kW"
 
 
-def machine_warnings(profile) -> list[str]:
+def machine_warnings(profile) -> list[tuple[str, str]]:
     """What the profile names that is missing on this machine, beyond edge.config.preflight's
-    checks: warnings, since a profile is often checked on a laptop before it reaches the site."""
+    checks, as (key path, message): warnings, since a profile is often checked on a laptop
+    before it reaches the site."""
     warnings = []
     if profile.ocpp is not None and not Path(profile.ocpp.id_tag_salt_file).parent.is_dir():
-        warnings.append(f"ocpp.id_tag_salt_file: folder {Path(profile.ocpp.id_tag_salt_file).parent} does not exist "
-                        "(systemd creates /var/lib/flexedge)")
+        warnings.append(("ocpp.id_tag_salt_file", f"folder {Path(profile.ocpp.id_tag_salt_file).parent} does not exist "
+                                                  "(systemd creates /var/lib/flexedge)"))
     for index, asset in enumerate(profile.assets):
         serial = getattr(asset, "serial", None)
         if serial is not None and not Path(serial.port).exists():
-            warnings.append(f"assets[{index}].serial.port: {serial.port} does not exist on this machine")
+            warnings.append((f"assets[{index}].serial.port", f"{serial.port} does not exist on this machine"))
     return warnings
+
+
+def _at_key(document, key: str, message: str, severity: str):
+    """A finding about the key ``key`` (``assets[2].password_file (cp-1)``), at that key's line."""
+    from edge.config.yamlsource import ProfileProblem, path_loc
+
+    loc = path_loc(key.split(" (")[0])
+    return ProfileProblem(document.name, document.line_of(loc), key, message, severity)
 
 
 def cmd_check(args) -> int:
     from edge.config.preflight import check_files
+    from edge.config.profile import read_profile
 
-    profile = _load_or_report(args.profile)
+    profile, problems, document = read_profile(args.profile)
+    warnings = [problem for problem in problems if problem.is_warning]
     if profile is None:
+        _report_errors(args.profile, [problem for problem in problems if not problem.is_warning])
+        for warning in warnings:
+            _print_problem(warning, "warning: ")
         return EXIT_PROFILE_INVALID
     # The checks `run` makes at start-up, all at once.  What is missing altogether only
     # warns (the folder or file may be put there on site); what is there but unusable fails.
-    problems = check_files(profile)
-    errors = [problem for problem in problems if not problem.missing]
+    found = check_files(profile)
+    errors = [_at_key(document, f.key, f.text, "error") for f in found if not f.missing]
+    warnings += [_at_key(document, f.key, f.text, "warning") for f in found if f.missing]
+    warnings += [_at_key(document, key, message, "warning") for key, message in machine_warnings(profile)]
     if errors:
         count = len(errors)
         print(f"{args.profile}: valid, but {count} problem{'s' if count != 1 else ''} on this machine", file=sys.stderr)
         for problem in errors:
-            print(f"  {problem}", file=sys.stderr)
+            _print_problem(problem)
     else:
         print(f"{args.profile}: OK")
-    for warning in [str(problem) for problem in problems if problem.missing] + machine_warnings(profile):
-        print(f"warning: {warning}", file=sys.stderr)
+    for warning in sorted(warnings, key=lambda w: w.line):
+        _print_problem(warning, "warning: ")
     print(summary(profile))
     return EXIT_FILES_UNUSABLE if errors else EXIT_OK
 
@@ -161,7 +191,7 @@ def cmd_run(args) -> int:
     from edge.runtime.daemon import run_gateway
 
     try:
-        asyncio.run(run_gateway(profile))
+        asyncio.run(run_gateway(profile, profile_path=args.profile))
     except SpoolError as error:  # the spool changed since the check: still one line
         log.error("cannot start: uplink.spool.path: %s", error)
         return EXIT_FILES_UNUSABLE

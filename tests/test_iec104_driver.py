@@ -241,7 +241,7 @@ def test_profile_errors_are_clear():
     asset = Iec104Asset(template="bess-generic", points={"soc": {"ioa": 9, "type": "M_ME_NB_1", "scale": 0.01}}, **base)
     assert asset.point_map()["soc"].ioa == 9 and asset.point_map()["p_setpoint"].type == "C_SE_NC_1"
     for extra, message in [
-        ({"template": "nope"}, "template 'nope' not found"),
+        ({"template": "nope"}, "no template named 'nope'"),
         ({"template": "electric-boiler"}, "is for kind p2h"),
         ({"points": {"p_setpoint": {"ioa": 1, "type": "M_ME_NC_1"}}}, "type M_ME_NC_1 does not fit"),
         ({"template": "bess-generic", "points": {"soc": {"ioa": 1000, "type": "M_ME_NC_1"}}}, "IOA 1000 is also used"),

@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # modules of its own layer or a lower one, never a higher one.
 LAYERS: list[tuple[str, ...]] = [
     # 0. What everything may use: the driver and grid-operator interfaces, the profile's
-    #    building blocks and its YAML reader, and the runtime's small helpers.
+    #    building blocks and its YAML reader, the runtime's small helpers, and where the
+    #    shipped templates and profiles are.
     ("edge", "edge.asset", "edge.gridorders", "edge.config.types", "edge.config.yamlsource",
      "edge.runtime.backoff", "edge.runtime.cycle_clock", "edge.runtime.health", "edge.runtime.sdnotify",
-     "edge.runtime.logs"),
+     "edge.runtime.logs", "edge.resources"),
     # 1. The drivers, each self-contained, and their registry.
     ("drivers",),
     # 2. The site profile, whose asset union comes from the registry.

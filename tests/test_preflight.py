@@ -47,7 +47,8 @@ def assert_refused(profile: Path, *expected: str, prefix: tuple[str, ...] = ()) 
     lines = check.stderr.splitlines()
     count = len(expected)
     assert lines[0] == f"{profile}: valid, but {count} problem{'s' if count != 1 else ''} on this machine", check.stderr
-    assert [line.strip() for line in lines[1:1 + count]] == list(expected), check.stderr
+    # at the line of the key naming the path (a JSON profile is all on line 1)
+    assert [line.strip() for line in lines[1:1 + count]] == [f"{profile.name}:1 {e}" for e in expected], check.stderr
     assert "OK" not in check.stdout.splitlines()[0] and "site     files" in check.stdout  # the summary still follows
 
     run = cli("run", str(profile), "--log-format", "json", prefix=prefix)
@@ -64,7 +65,7 @@ def assert_warned_by_check_refused_by_run(profile: Path, expected: str) -> None:
     """Missing altogether: `check` (often run off-site) warns and passes; `run` cannot do without it."""
     check = cli("check", str(profile))
     assert check.returncode == 0, check.stderr
-    assert f"warning: {expected}" in check.stderr.splitlines()
+    assert f"warning: {profile.name}:1 {expected}" in check.stderr.splitlines()
     run = cli("run", str(profile), "--log-format", "json")
     assert run.returncode == EXIT_FILES_UNUSABLE, run.stderr
     [record] = [json.loads(line) for line in run.stderr.splitlines()]
@@ -312,7 +313,7 @@ def test_tls_key_that_does_not_match_the_certificate(tmp_path, pki):
     other = pki / "other.key"
     check = cli("check", str(write_profile(tmp_path, **tls(pki, key=other))))
     assert check.returncode == EXIT_FILES_UNUSABLE
-    problem = check.stderr.splitlines()[1].strip()
+    problem = check.stderr.splitlines()[1].strip().split(" ", 1)[1]  # without "site.yaml:1"
     assert problem.startswith(f"uplink.mqtt.tls.cert_file: client certificate {pki / 'client.pem'} does not match key {other}")
     assert_refused(write_profile(tmp_path, **tls(pki, key=other)), problem)
 

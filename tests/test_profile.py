@@ -88,7 +88,7 @@ control:
 def test_duplicate_keys_are_errors_not_silently_overwritten(tmp_path):
     result = check(write(tmp_path, GOOD + "grid:\n  export_limit_kw: 10\n  export_limit_kw: 100\n"))
     assert result.returncode == 2
-    assert "site.yaml:13 grid.export_limit_kw: duplicate key (first at line 12)" in result.stderr
+    assert "site.yaml:13 grid.export_limit_kw: duplicate key `export_limit_kw` (also at line 12)" in result.stderr
 
 
 def test_cross_checks(tmp_path):
@@ -109,7 +109,7 @@ def test_cross_checks(tmp_path):
     "text, expected",
     [
         ("", "site.yaml:1 the file is empty"),
-        ("site: [unclosed\n", "not valid YAML"),
+        ("site: [unclosed\n", "site.yaml:1 column 7: a '[' opened here is never closed"),
         ("- a\n- b\n", "a profile is a mapping"),
         ("site:\n  name: x\n", "site.yaml:1 site.id: required key is missing"),
         ("site:\n  id: 'has space'\n", "site.yaml:2 site.id: must be letters, digits"),
@@ -123,14 +123,15 @@ def test_malformed_files(tmp_path, text, expected):
 
 def test_missing_file_is_reported(tmp_path):
     result = check(tmp_path / "nope.yaml")
-    assert result.returncode == 2 and "cannot read" in result.stderr
+    assert result.returncode == 2 and result.stderr == f"{tmp_path / 'nope.yaml'}: does not exist\n"
 
 
 def test_schema_command_prints_json_schema():
     result = subprocess.run([sys.executable, "-m", "edge.cli", "schema"], capture_output=True, text=True, timeout=60)
     schema = json.loads(result.stdout)
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"site", "control", "uplink", "grid", "ocpp", "functions", "ev_charging", "assets"}
+    assert set(schema["properties"]) == {"site", "version", "control", "uplink", "grid", "ocpp", "functions",
+                                           "ev_charging", "local_http", "assets"}
     assert schema["title"] == "flexedge site profile"
 
 
@@ -153,7 +154,8 @@ def test_check_warns_about_what_is_missing_on_this_machine(tmp_path, monkeypatch
     )) + "  - id: rtu1\n    kind: pv\n    driver: sunspec\n    serial: {port: /dev/ttyNOPE0}\n"
     result = check(write(tmp_path, text))
     assert result.returncode == 0, result.stderr  # warnings, not errors
-    assert f"warning: uplink.mqtt.tls.ca_file: CA file {tmp_path}/nope-ca.pem does not exist" in result.stderr
-    assert "warning: uplink.mqtt.password_env: environment variable FLEXEDGE_TEST_UNSET is not set" in result.stderr
-    assert "warning: assets[1].serial.port: /dev/ttyNOPE0 does not exist" in result.stderr
+    # each at the line of the key that names it
+    assert f"warning: site.yaml:7 uplink.mqtt.tls.ca_file: CA file {tmp_path}/nope-ca.pem does not exist" in result.stderr
+    assert "warning: site.yaml:6 uplink.mqtt.password_env: environment variable FLEXEDGE_TEST_UNSET is not set" in result.stderr
+    assert "warning: site.yaml:17 assets[1].serial.port: /dev/ttyNOPE0 does not exist" in result.stderr
     assert "uplink.spool.path" not in result.stderr  # tmp_path exists

@@ -602,7 +602,7 @@ async def test_mutual_tls_needs_the_client_certificate(tls_broker, pki, recorder
 
 
 def failures(caplog, site_port: int, level: int = logging.WARNING) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "edge.uplink.mqtt" and r.levelno >= level
+    return [r for r in caplog.records if r.name == "flexedge.uplink" and r.levelno >= level
             and r.getMessage().startswith(f"uplink to 127.0.0.1:{site_port}:")]
 
 
@@ -611,7 +611,7 @@ def repeats(caplog, site_port: int) -> list[logging.LogRecord]:
 
 
 async def test_a_refused_client_certificate_fails_fast_and_is_logged_once(tls_broker, pki, start_uplink, caplog):
-    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
+    caplog.set_level(logging.DEBUG, logger="flexedge.uplink")
     _, _, mtls_port = tls_broker
     started = time.time()
     # the production CONNACK timeout (10 s): a refused certificate must not wait for it
@@ -630,7 +630,7 @@ async def test_a_refused_client_certificate_fails_fast_and_is_logged_once(tls_br
 
 async def test_a_refusal_is_retried_at_its_own_slower_pace(tls_broker, pki, start_uplink, caplog):
     """A broker that refuses the certificate is not hammered at the outage pace (0.3 s here)."""
-    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
+    caplog.set_level(logging.DEBUG, logger="flexedge.uplink")
     _, _, mtls_port = tls_broker
     start_uplink(make_profile(mtls_port, site="nocert", tls={"ca_file": str(pki["ca.pem"])}), refusal_retry_s=2.0)
     await wait_for(lambda: failures(caplog, mtls_port), "the refusal logged", 5)
@@ -641,7 +641,7 @@ async def test_a_refusal_is_retried_at_its_own_slower_pace(tls_broker, pki, star
 
 @pytest.mark.parametrize("content", ["", "  \n\n"], ids=["empty", "whitespace"])
 async def test_an_empty_password_file_is_said_once_never_an_index_error(start_uplink, caplog, tmp_path, content):
-    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
+    caplog.set_level(logging.DEBUG, logger="flexedge.uplink")
     port = free_port()
     (tmp_path / "pw").write_text(content)
     uplink = start_uplink(make_profile(port, username="gateway", password_file=str(tmp_path / "pw")))
@@ -695,7 +695,7 @@ async def test_password_from_env_or_file_is_used_and_never_logged(password_broke
 
 
 async def test_refused_credentials_fail_fast_and_are_logged_once(password_broker, start_uplink, caplog, tmp_path):
-    caplog.set_level(logging.DEBUG, logger="edge.uplink.mqtt")
+    caplog.set_level(logging.DEBUG, logger="flexedge.uplink")
     (tmp_path / "wrong").write_text(SECRET + "-wrong\n")
     started = time.time()
     uplink = start_uplink(make_profile(password_broker.port, username="gateway", password_file=str(tmp_path / "wrong")),

@@ -27,9 +27,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from edge import resources
 from edge.config.types import Port, PositiveKw, Strict, _ranged
-
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "profiles" / "templates"
 
 SETPOINT_TYPES = ("C_SE_NC_1", "C_SE_TC_1")
 SWITCH_TYPES = ("C_SC_NA_1", "C_DC_NA_1")
@@ -171,20 +170,25 @@ class DeieConfig(Strict):
 
 def load_template(name: str) -> dict[str, DeiePoint]:
     """Read ``profiles/templates/<name>.yaml`` (its ``points`` mapping)."""
-    path = TEMPLATE_DIR / f"{name}.yaml"
+    try:
+        path = resources.template_path(name)
+    except ValueError:
+        raise ValueError(f"DEIE template {name!r}: cannot read it, flexedge ships no template of that name "
+                         f"(available: {', '.join(resources.template_names())})") from None
+    label = resources.template_label(name)
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ValueError(f"DEIE template {name!r}: cannot read {path}: {exc.strerror}") from None
+        raise ValueError(f"DEIE template {name!r}: cannot read {label}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"DEIE template {path}: not valid YAML: {exc}") from None
+        raise ValueError(f"DEIE template {label}: not valid YAML: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("points"), dict):
-        raise ValueError(f"DEIE template {path}: expected a mapping with a 'points' mapping")
+        raise ValueError(f"DEIE template {label}: expected a mapping with a 'points' mapping")
     points: dict[str, DeiePoint] = {}
     for signal, spec in document["points"].items():
         try:
             points[signal] = DeiePoint.model_validate(spec)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"DEIE template {path}, point {signal!r}: {problems}") from None
+            raise ValueError(f"DEIE template {label}, point {signal!r}: {problems}") from None
     return points

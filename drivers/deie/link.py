@@ -67,7 +67,7 @@ from edge.runtime.backoff import Backoff
 from drivers.deie.config import CLIENT_ORDER_TYPE, ORDER_SIGNALS, DeieConfig, DeiePoint
 from edge.gridorders import NO_ORDERS, SOURCE_PERSISTED, GridOrders
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flexedge.deie")
 
 LIMIT_HEADROOM = 1.1  # a kW order may exceed installed_kw by 10 % (rounding, overload rating)
 POLL_S = 0.05  # link-state and report supervision period

@@ -107,4 +107,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'drivers.iec104' has no attribute {name!r}")
 
 
-DRIVER = DriverSpec(name="iec104", asset_model=Iec104Asset, create=create, describe=describe)
+DRIVER = DriverSpec(name="iec104", asset_model=Iec104Asset, create=create, describe=describe,
+                    probe="drivers.iec104.probe")

@@ -21,9 +21,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from edge import resources
 from edge.config.types import AssetBase, Port, PositiveKw, Percent, Strict, _ranged
-
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "profiles" / "templates"
 
 MEASURED_TYPES = ("M_ME_NA_1", "M_ME_NB_1", "M_ME_NC_1", "M_ME_TD_1", "M_ME_TE_1", "M_ME_TF_1")
 STATUS_TYPES = ("M_SP_NA_1", "M_SP_TB_1", "M_DP_NA_1", "M_DP_TB_1")
@@ -148,17 +147,13 @@ _template_cache: dict[str, tuple[str, dict[str, PointSpec]]] = {}
 
 
 def load_template(name: str, kind: str | None = None) -> dict[str, PointSpec]:
-    """Read ``profiles/templates/<name>.yaml``; raise ValueError naming the file and the problem."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"template must be a file name in {TEMPLATE_DIR}, got {name!r}")
+    """Read ``profiles/templates/<name>.yaml``; raise ValueError naming the template and the problem."""
     if name not in _template_cache:
-        path = TEMPLATE_DIR / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
-            raise ValueError(f"template {name!r} not found in {TEMPLATE_DIR} (available: {', '.join(known)})")
-        data = yaml.safe_load(path.read_text())
+        path = resources.template_path(name)  # ValueError listing the available templates
+        label = resources.template_label(name)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("points"), dict):
-            raise ValueError(f"{path}: a template is a mapping with a 'points' mapping")
+            raise ValueError(f"{label}: a template is a mapping with a 'points' mapping")
         points = {}
         for signal, spec in data["points"].items():
             try:
@@ -166,7 +161,7 @@ def load_template(name: str, kind: str | None = None) -> dict[str, PointSpec]:
             except ValidationError as error:
                 first = error.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
-                raise ValueError(f"{path}: points.{signal}.{where}: {first['msg']}") from None
+                raise ValueError(f"{label}: points.{signal}.{where}: {first['msg']}") from None
         _template_cache[name] = (str(data.get("kind", "")), points)
     template_kind, points = _template_cache[name]
     if kind is not None and template_kind and template_kind != kind:

@@ -587,6 +587,7 @@ class Iec104Driver(AssetDriver):
                     future.cancel()
         self._confirmed_target = target_kw
         self.last_command_s = time.monotonic() - started
+        self.command_log.note("target_kw", target_kw, True, "ACT_TERM" if self.asset.confirm == "act_term" else "ACT_CON")
         command_log.debug("%s: %s kW confirmed in %.3f ms", self.asset_id, target_kw, self.last_command_s * 1000)
         if self._command_problem is not None:
             self._command_problem = None
@@ -617,6 +618,7 @@ class Iec104Driver(AssetDriver):
     def _command_failed(self, target_kw, value_kw, reason: str, written: dict[str, Any], *, refused: bool = True) -> None:
         """``refused``: the unit refused or did not confirm it, or it could not be sent; not so when the link went."""
         self.commands_failed += 1
+        self.command_log.note("target_kw", target_kw, False, reason)
         self._confirmed_target = None
         self._command_problem = f"last command failed: {reason}"
         if refused:

@@ -100,4 +100,4 @@ def prepare_site(profile: Any) -> None:
 
 
 DRIVER = DriverSpec(name="ocpp", asset_model=OcppCharger, create=create, describe=describe,
-                    site_model=OcppServer, prepare_site=prepare_site)
+                    site_model=OcppServer, prepare_site=prepare_site, probe="drivers.ocpp.probe")

@@ -93,6 +93,7 @@ class OcppChargerDriver(AssetDriver):
         async with attached(self.server, self.asset, self.emit_event) as (session, server_task):
             if self._target_given:
                 session.set_target_kw(self._target_kw)
+            session.command_log = self.command_log
             self.session = session
             try:
                 # Raises if the shared server fails (port in use, bad TLS files): the

@@ -20,7 +20,7 @@ import math
 import time
 from typing import Any, Callable
 
-from edge.asset import AssetReading, DeviceRating, EventSink
+from edge.asset import AssetReading, CommandLog, DeviceRating, EventSink
 
 from drivers.ocpp.config import OcppCharger
 from drivers.ocpp.limits import ChargeLimit
@@ -71,6 +71,7 @@ class ChargerSession:
         self.charger = charger
         self.emit_event = emit_event
         self.hash_tag = hash_tag
+        self.command_log = CommandLog()  # the driver puts its own here (OcppChargerDriver.run)
         self.connected = False
         self.ocpp_version: str | None = None
         self.boot: dict[str, Any] = {}
@@ -212,6 +213,7 @@ class ChargerSession:
         (Rejected, a CALLERROR) or the profile cannot exist in its version, as opposed to no
         answer.  Returns True when the refusal switched the charger to its fallback profile,
         which is then to be sent at once."""
+        self.command_log.note("limit", limit.value, accepted, "Accepted" if accepted else why, limit.unit)
         if accepted:
             self.limit_in_force = limit
             self.command_refused = False

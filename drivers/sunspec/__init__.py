@@ -118,4 +118,4 @@ def __getattr__(name: str) -> Any:
 
 
 DRIVER = DriverSpec(name="sunspec", asset_model=SunSpecAsset, create=create, describe=describe,
-                    check_assets=shared_link_problems)
+                    check_assets=shared_link_problems, probe="drivers.sunspec.probe")

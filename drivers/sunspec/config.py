@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from edge.config.types import AssetBase, Percent, Port, PositiveKw, Strict, UnitId, _ranged
+from edge.config.yamlsource import WarningText
 
 
 class Serial(Strict):
@@ -86,7 +87,8 @@ class SunSpecAsset(AssetBase):
 
 def shared_link_problems(assets: list[Any]) -> list[tuple[tuple[Any, ...], str]]:
     """Conflicts between SunSpec assets on one link, as (key path, message): serial settings
-    that differ on one serial line, and two assets with the same link and unit id."""
+    that differ on one serial line, and two assets with the same link and unit id; a warning
+    (``WarningText``) where a meter shares its unit id with an inverter, as it may."""
     problems: list[tuple[tuple[Any, ...], str]] = []
     first_on_link: dict[tuple, int] = {}
     unit_owner: dict[tuple, int] = {}
@@ -107,6 +109,13 @@ def shared_link_problems(assets: list[Any]) -> list[tuple[tuple[Any, ...], str]]
         # An inverter's SunSpec chain may carry the meter at its connection point too (models
         # 201-204 after its own), so a meter may share a unit id with one inverter, no more.
         owner = unit_owner.setdefault(key + (asset.unit_id, asset.kind == "meter"), index)
+        partner = unit_owner.get(key + (asset.unit_id, asset.kind != "meter"))
+        if owner == index and partner is not None:
+            meter, inverter = (asset, assets[partner]) if asset.kind == "meter" else (assets[partner], asset)
+            problems.append((("assets", index, "unit_id"), WarningText(
+                f"meter {meter.id!r} and {inverter.kind} {inverter.id!r} share unit id {asset.unit_id} on "
+                f"{asset.link_text()}: right only when that device's SunSpec chain carries the meter (models "
+                f"201-204 after its own); otherwise give the meter its own unit id")))
         if owner != index:
             problems.append((("assets", index, "unit_id"),
                              f"asset {asset.id!r} and asset {assets[owner].id!r} (assets[{owner}]) both use unit id "

@@ -570,6 +570,7 @@ class SunSpecDriver(AssetDriver):
                 "; ".join(map(str, writes)),
             )
         setting.release_unconfirmed = False
+        self.command_log.note(setting.key, target, True, f"written via {setting.path}")
         if not refresh and self._slot is not None and self.clock.polled_for_upcoming(self._slot):
             clock = self.clock
             self._reread_at = max(time.monotonic(), clock.tick_at(clock.upcoming_tick()) - clock.guard_s)
@@ -624,6 +625,7 @@ class SunSpecDriver(AssetDriver):
 
     def _command_failed(self, setting: _Setting, reason: str, refresh: bool, **wire: str) -> None:
         target = setting.target
+        self.command_log.note(setting.key, target, False, reason)
         setting.last_refused = time.monotonic()
         setting.refusals += 1
         setting.release_unconfirmed = target is None

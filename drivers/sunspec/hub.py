@@ -66,8 +66,10 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from edge.runtime.backoff import Backoff
+from edge.runtime.logs import fold_pymodbus_chatter, pymodbus_connect_cause
 
 log = logging.getLogger("flexedge.drivers.sunspec.hub")
+fold_pymodbus_chatter()  # pymodbus's per-attempt connection warnings: this module reports the link once
 
 GATEWAY_PATH_UNAVAILABLE = 10
 GATEWAY_TARGET_FAILED = 11
@@ -256,6 +258,8 @@ class LinkHub:
         except BaseException:
             _close_quietly(client)
             raise
+        if not ok and not why:  # pymodbus logged the cause and returned False: read it now, before any await
+            why = pymodbus_connect_cause() or ""
         if ok and not self.handles:  # everyone left meanwhile (a cancellation pymodbus swallowed)
             _close_quietly(client)
             raise LinkFailure(f"connect to {self.describe()} abandoned")

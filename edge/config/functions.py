@@ -13,8 +13,8 @@ Every key is documented in docs/profile.md, the behaviour in
 docs/grid-functions.md.  Signs: + activation is upward regulation (more
 export / less import); + reactive power is over-excited (injecting).
 
-``FunctionsConfig.check_sources(assets)`` checks that the measuring assets
-named exist and can measure (for the profile's cross-checks).
+``source_problems`` checks that the measuring assets named exist and can measure
+(one of the profile's cross-checks, edge/config/checks.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from edge.config.types import Identifier, Strict, _ranged
+from edge.config.yamlsource import did_you_mean
 
 # Drivers whose readings carry frequency_hz and voltage_v (AssetReading).
 MEASURING_DRIVERS = ("sunspec",)
@@ -148,23 +149,40 @@ class FunctionsConfig(Strict):
     def check_sources(self, assets: Iterable[Any]) -> None:
         """Raise ValueError unless every measuring asset named is in ``assets`` and can measure.
 
-        ``assets`` are the profile's asset models (anything with ``id`` and
-        ``driver``); meant for the profile's cross-checks.
+        ``assets`` are the profile's asset models (anything with ``id`` and ``driver``).
         """
-        drivers = {asset.id: asset.driver for asset in assets}
-        sources = []
-        if self.fcr is not None:
-            sources.append(("functions.fcr.frequency_source", self.fcr.frequency_source, "frequency"))
-        if self.q_u is not None:
-            sources.append(("functions.q_u.voltage_source", self.q_u.voltage_source, "voltage"))
-        for key, asset_id, quantity in sources:
-            if asset_id not in drivers:
-                raise ValueError(f"{key}: no asset {asset_id!r} in assets")
-            if drivers[asset_id] not in MEASURING_DRIVERS:
-                raise ValueError(
-                    f"{key}: asset {asset_id!r} (driver {drivers[asset_id]}) does not measure {quantity}; "
-                    f"use a SunSpec inverter or meter"
-                )
+        raw = {"fcr": self.fcr and {"frequency_source": self.fcr.frequency_source},
+               "q_u": self.q_u and {"voltage_source": self.q_u.voltage_source}}
+        for loc, message in source_problems(raw, {asset.id: asset.driver for asset in assets}):
+            raise ValueError(f"functions.{'.'.join(loc)}: {message}")
+
+
+SOURCES = (("fcr", "frequency_source", "frequency"), ("q_u", "voltage_source", "voltage"))
+
+
+def source_problems(functions: Any, drivers: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """What is wrong with the measuring assets the ``functions`` section names, as (key path
+    under ``functions``, message): an id that is no asset's, or an asset that cannot measure.
+
+    ``functions`` is the section as written (a mapping, possibly invalid in parts: what is not
+    an asset id there is its own field error); ``drivers`` maps each asset id to its driver.
+    """
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if not isinstance(functions, dict):
+        return problems
+    for section, key, quantity in SOURCES:
+        asset_id = functions.get(section).get(key) if isinstance(functions.get(section), dict) else None
+        if not isinstance(asset_id, str):
+            continue
+        if asset_id not in drivers:
+            measuring = [i for i, d in drivers.items() if d in MEASURING_DRIVERS]
+            close = did_you_mean(asset_id, drivers)
+            known = f" (measuring assets: {', '.join(measuring)})" if measuring and not close else ""
+            problems.append(((section, key), f"no asset {asset_id!r} in assets{close}{known}"))
+        elif drivers[asset_id] not in MEASURING_DRIVERS:
+            problems.append(((section, key), f"asset {asset_id!r} (driver {drivers[asset_id]}) does not measure "
+                                             f"{quantity}; use a SunSpec inverter or meter"))
+    return problems
 
 
 # ------------------------------------------------------------- ev charging

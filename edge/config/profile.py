@@ -11,14 +11,15 @@ or less import).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 from pydantic import (
     ConfigDict,
+    PrivateAttr,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -26,7 +27,10 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from drivers import registry
 from edge.config.functions import EvDefaults, FunctionsConfig
-from edge.config.yamlsource import ProfileProblem, YamlDocument, load_yaml
+from edge.config.local_http import LocalHttp
+from edge.config.checks import cross_problems
+from edge.config.problems import problems_from
+from edge.config.yamlsource import ProfileProblem, YamlDocument, did_you_mean, load_yaml, path_loc
 
 from edge.config.types import (  # noqa: F401  (re-exported for callers of edge.config.profile)
     ID_PATTERN,
@@ -63,7 +67,10 @@ class Site(Strict):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Paris)")
+            from zoneinfo import available_timezones
+
+            hint = did_you_mean(value, available_timezones())
+            raise ValueError(f"unknown time zone {value!r}{hint or ' (use an IANA name such as Europe/Paris)'}")
         return value
 
 
@@ -203,6 +210,7 @@ class Grid(Strict):
 # and registers it (drivers/registry.py); the union is built from the registry.
 Asset = Annotated[Union[registry.asset_models()], Field(discriminator="driver")]  # type: ignore[valid-type]
 DRIVER_NAMES = ", ".join(registry.driver_names())
+_CHECKED_APART = "cross-checked apart"  # validation context: read_profile runs the cross-checks itself
 
 
 # ------------------------------------------------------------------ profile
@@ -214,6 +222,10 @@ class Profile(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, title="flexedge site profile")
 
     site: Site
+    version: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="The profile's own version, free text (e.g. 2026-12-04.1): reported with its sha256 in the "
+                          "birth message and telemetry."
+    )
     control: Control = Field(default_factory=Control)
     uplink: Uplink = Field(default_factory=Uplink)
     grid: Grid = Field(default_factory=Grid)
@@ -227,25 +239,23 @@ class Profile(Strict):
         None, description="Smart charging: each EV session is planned at 15-min resolution against the tariffs; "
                           "absent: chargers charge as fast as the activation allows."
     )
+    local_http: LocalHttp | None = Field(
+        None, description="The local HTTP endpoint: metrics, /health and the status page (docs/local.md); absent: off."
+    )
     assets: list[Asset] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Profile":
-        seen: set[str] = set()
-        for asset in self.assets:
-            if asset.id in seen:
-                raise ValueError(f"asset id {asset.id!r} is used twice")
-            seen.add(asset.id)
-        if sum(1 for a in self.assets if getattr(a, "connection_point", False)) > 1:
-            raise ValueError("at most one meter may be the connection point")
-        if self.functions is not None:
-            self.functions.check_sources(self.assets)
-        if problems := registry.asset_problems(self.assets):
-            # every conflict at once, each at its own key
+    def _cross_checks(self, info: ValidationInfo) -> "Profile":
+        if info.context and info.context.get(_CHECKED_APART):
+            return self  # read_profile runs them beside field validation, on the document with its lines
+        doc = YamlDocument(name="profile", data=self.model_dump())
+        errors = [p for p in cross_problems(doc, Profile, registry.asset_problems, assets=list(self.assets))
+                  if not p.is_warning]
+        if errors:  # every one at once, each at its own key
             raise ValidationError.from_exception_data("Profile", [
-                InitErrorDetails(type=PydanticCustomError("shared_link", "{message}", {"message": message}), loc=loc,
-                                 input=None)
-                for loc, message in problems
+                InitErrorDetails(type=PydanticCustomError("cross_check", "{message}", {"message": p.message}),
+                                 loc=path_loc(p.path), input=None)
+                for p in errors
             ])
         return self
 
@@ -253,81 +263,64 @@ class Profile(Strict):
     def client_id(self) -> str:
         return self.uplink.mqtt.client_id or f"flexedge-{self.site.id}"
 
+    # Not a key of the profile: the sha256 of the file's bytes as load_profile read them.
+    _source_sha256: str | None = PrivateAttr(None)
+
+    @property
+    def source_sha256(self) -> str | None:
+        """Hex sha256 of the file this profile was loaded from; None when it was built in code."""
+        return self._source_sha256
+
 
 # ---------------------------------------------------------------- loading
 
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-}
-
-
-_DRIVER_TAGS = set(registry.driver_names())
-
-
-def _path_text(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
 class ProfileError(Exception):
-    """A profile failed to load; ``problems`` lists each with file, line and key path."""
+    """A profile failed to load; ``problems`` lists each error with file, line and key path
+    (``warnings``: what would surprise at run time, found in the same pass)."""
 
-    def __init__(self, problems: list[ProfileProblem]):
+    def __init__(self, problems: list[ProfileProblem], warnings: list[ProfileProblem] | None = None):
         self.problems = problems
+        self.warnings = warnings or []
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def _problems_from(error: ValidationError, doc: YamlDocument) -> list[ProfileProblem]:
-    problems = []
-    for item in error.errors():
-        # pydantic adds the discriminator tag to the location of union members
-        loc = tuple(p for p in item["loc"] if p not in _DRIVER_TAGS and not (isinstance(p, str) and p.startswith("function-")))
-        message = _MESSAGES.get(item["type"], item["msg"])
-        if message.startswith("Value error, "):
-            message = message[len("Value error, "):]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see docs/profile.md)"
-        elif item["type"] == "literal_error":
-            message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {item.get('input')!r}"
-        elif item["type"] == "union_tag_invalid":
-            loc += ("driver",)
-            message = f"unknown driver {item['input'].get('driver')!r} (expected one of: {DRIVER_NAMES})"
-        elif item["type"] == "union_tag_not_found":
-            loc += ("driver",)
-            message = f"required key is missing (one of: {DRIVER_NAMES})"
-        elif item["type"] == "string_pattern_mismatch":
-            message = f"must be letters, digits, '_', '.' or '-' (at most 64), got {item.get('input')!r}"
-        elif item["type"] in ("float_parsing", "int_parsing", "int_from_float", "float_type", "int_type", "bool_parsing"):
-            message = f"{item['msg'][0].lower()}{item['msg'][1:]}, got {item.get('input')!r}"
-        if not loc:
-            # A cross-check names the key it is about ("functions.fcr.frequency_source: ..."):
-            # point at that key's line rather than the top of the file.
-            named = re.match(r"([A-Za-z_][\w.]*(?:\[\d+\][\w.]*)*): ", message)
-            if named:
-                loc = tuple(int(p) if p.isdigit() else p for p in re.findall(r"[A-Za-z_]\w*|\d+", named.group(1)))
-                message = message[named.end():]
-        path = _path_text(loc)
-        problems.append(ProfileProblem(doc.name, doc.line_of(loc), path, message))
-    return problems
+class ProfileReading(NamedTuple):
+    profile: Profile | None  # None when there is an error
+    problems: list[ProfileProblem]  # errors and warnings (``severity``), sorted by line
+    document: YamlDocument  # the lines of its keys, for what is found later (files on this machine)
+
+
+def read_profile(path: str | Path) -> ProfileReading:
+    """Every problem found in one pass: field errors and the checks across sections
+    (edge/config/checks.py) together, the latter on the parts that are valid."""
+    doc = load_yaml(Path(path))
+    if doc.data is None or not isinstance(doc.data, dict):
+        if not doc.problems:
+            what = "a list" if isinstance(doc.data, list) else "nothing" if doc.data is None else f"{doc.data!r}"
+            doc.problems.append(ProfileProblem(doc.name, doc.line_of(()), "", f"a profile is a mapping (`key: value` "
+                                                                            f"lines: site, control, uplink, grid, "
+                                                                            f"assets ...), but this file holds {what}"))
+        return ProfileReading(None, doc.problems, doc)
+    problems = list(doc.problems)  # duplicate keys
+    profile = None
+    try:
+        profile = Profile.model_validate(doc.data, context={_CHECKED_APART: True})
+    except ValidationError as error:
+        problems += problems_from(error, doc, Profile)
+    problems += cross_problems(doc, Profile, registry.asset_problems, assets=list(profile.assets) if profile else None)
+    if any(not problem.is_warning for problem in problems):
+        profile = None
+    elif profile is not None:
+        profile._source_sha256 = doc.sha256
+    return ProfileReading(profile, sorted(problems, key=lambda p: (p.line, p.is_warning)), doc)
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile; raise ProfileError naming every problem found."""
-    doc = load_yaml(Path(path))
-    if doc.problems:
-        raise ProfileError(doc.problems)
-    if not isinstance(doc.data, dict):
-        raise ProfileError([ProfileProblem(doc.name, 1, "", "a profile is a mapping with keys site, control, uplink, grid, assets")])
-    try:
-        return Profile.model_validate(doc.data)
-    except ValidationError as error:
-        raise ProfileError(sorted(_problems_from(error, doc), key=lambda p: p.line)) from None
+    profile, problems, _ = read_profile(path)
+    if profile is None:
+        raise ProfileError([p for p in problems if not p.is_warning], [p for p in problems if p.is_warning])
+    return profile
 
 
 def json_schema() -> dict[str, Any]:

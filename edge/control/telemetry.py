@@ -129,7 +129,8 @@ class TelemetryMixin:
                 "source": self.grid_orders.source,
             },
             "functions": self._functions_telemetry(),
-            "gateway": self.stats.snapshot(),
+            "gateway": {**self.stats.snapshot(), "profile_sha256": self.profile.source_sha256,
+                        "profile_version": self.profile.version},
         }
 
     def _functions_telemetry(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 class SystemdNotifier:
@@ -35,6 +36,11 @@ class SystemdNotifier:
 
     def ready(self, status: str = "") -> None:
         self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+    def reloading(self, status: str = "") -> None:
+        """A reload starts; ``ready()`` says it ended.  systemd (253+) wants the monotonic time with it."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}" + (f"\nSTATUS={status}" if status else ""))
 
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")

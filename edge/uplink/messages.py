@@ -194,6 +194,9 @@ class GatewayHealth(Contract):
     messages_repaired: int = Field(
         ge=0, description="Messages the gateway built that could not be encoded as they were (a NaN, a lone surrogate), "
                           "since start: each went out repaired (bad values as null or escaped) with a message_repaired event.")
+    profile_sha256: str | None = Field(
+        pattern=r"^[0-9a-f]{64}$", description="sha256 of the site profile file in force (hex); changes on a reload.")
+    profile_version: str | None = Field(description="The profile's `version` key; null when it has none.")
 
 
 class GridOrdersValues(Contract):
@@ -324,12 +327,22 @@ class ValidationData(_IntervalMessage):
     assets: dict[str, AssetIntervalValidation]
 
 
+class ProfileIdentity(Contract):
+    """Which site profile the gateway runs."""
+
+    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the profile file's bytes, hex.")
+    version: str | None = Field(description="The profile's `version` key; null when it has none.")
+
+
 class Status(Contract):
-    """`<prefix>/<site>/status`: retained; the birth message, the last will, and the shutdown notice."""
+    """`<prefix>/<site>/status`: retained; the birth message, the last will, and the shutdown notice.
+
+    The birth message is published again, on the same connection, when a reload changes the profile."""
 
     state: Literal["online", "offline"]
     site_id: str
     version: str | None = None
+    profile: ProfileIdentity | None = Field(None, description="Birth message: the profile in force.")
     assets: list[dict[str, str]] | None = None
     reason: str | None = None
     ts: str | None = None

@@ -37,6 +37,7 @@ Public API::
     await uplink.run()                    # until cancelled or closed; never raises for network trouble
     seq = await uplink.publish(stream, payload)   # stream in SPOOLED_STREAMS; spool, then send
     uplink.publish_live(subtopic, payload) # QoS 1, not spooled, dropped while offline (setpoint/ack)
+    uplink.set_birth(birth)               # a new birth (profile reload): published now if connected, and on connect
     await uplink.close(timeout_s=2.5)     # flush, retained {"state": "offline", "reason": "shutdown"}, DISCONNECT
     uplink.connected -> bool ; uplink.protocol -> "5" | "3.1.1" | None ; uplink.topic(subtopic) -> str
     uplink.stats -> UplinkStats(sent, backlog_pending, dropped, live_dropped, reconnects, connected, protocol)
@@ -79,7 +80,7 @@ from edge.uplink.spool import Spool, SpooledMessage, encode_payload, encode_payl
 
 __all__ = ["Uplink", "UplinkStats", "SPOOLED_STREAMS", "utc_timestamp"]
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("flexedge.uplink")
 
 # each has its own topic and its own persisted seq counter in the spool
 SPOOLED_STREAMS = ("telemetry", "events", "consumption", "validation")
@@ -241,6 +242,15 @@ class Uplink:
             LOG.info("uplink offline: dropped live message on %s", topic)
             return
         self._spawn(self._publish_live(session.client, topic, body))
+
+    def set_birth(self, birth: dict[str, Any]) -> None:
+        """A new birth message (a profile reload): published now on the connection in place, if any, and
+        after every later connect.  Not spooled: the retained status is only ever the newest."""
+        self._birth = dict(birth)
+        session = self._session
+        if session is not None:
+            self._spawn(self._publish_live(session.client, self.topic("status"),
+                                           encode_payload("birth", {**self._birth, "ts": utc_timestamp()}), retain=True))
 
     def _repaired(self, stream: str, seq: int | None, problem: str, payload: dict[str, Any]) -> None:
         """A message we built had to be repaired to encode: it went out all the same; count and report it."""
@@ -522,9 +532,9 @@ class Uplink:
         self._acked_added.set()
         self._sent += 1
 
-    async def _publish_live(self, client: aiomqtt.Client, topic: str, body: bytes) -> None:
+    async def _publish_live(self, client: aiomqtt.Client, topic: str, body: bytes, retain: bool = False) -> None:
         try:
-            await client.publish(topic, body, qos=1, timeout=self._ack_timeout_s)
+            await client.publish(topic, body, qos=1, retain=retain, timeout=self._ack_timeout_s)
         except Exception as exc:  # noqa: BLE001 -- live messages are best effort by contract
             self._live_dropped += 1
             LOG.warning("live message on %s not acknowledged: %s", topic, _describe(exc))

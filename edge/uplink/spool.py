@@ -48,6 +48,7 @@ Public API::
     Spool.stats() -> SpoolStats
     Spool.pending, Spool.dropped_total   # last committed values; never block
     Spool.close()
+    inspect_read_only(path, time_limit_s) -> dict   # statistics, writing nothing (diagnostics)
 
 Errors: :class:`SpoolError` (unusable file, closed spool); :class:`ValueError`
 for bad arguments or payloads that are not finite JSON.
@@ -69,7 +70,7 @@ from typing import Any
 
 from edge.config.preflight import SPOOL_SCHEMA_VERSION as SCHEMA_VERSION, describe_os_error, spool_problem
 
-__all__ = ["Appended", "Spool", "SpoolError", "SpoolStats", "SpooledMessage", "MIN_MAX_BYTES"]
+__all__ = ["Appended", "Spool", "SpoolError", "SpoolStats", "SpooledMessage", "MIN_MAX_BYTES", "inspect_read_only"]
 
 MIN_MAX_BYTES = 64 * 1024  # below this the empty schema alone nearly fills the cap
 WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
@@ -473,3 +474,79 @@ def _decompress(encoding: int, body: bytes, path: Path, row_id: int) -> bytes:
     if encoding == _ENCODING_ZLIB:
         return zlib.decompress(body)
     raise SpoolError(f"spool {path}: message {row_id} has unknown encoding {encoding}")
+
+
+# ------------------------------------------------------------ read-only inspection
+
+
+def inspect_read_only(path: Path, time_limit_s: float = 10.0) -> dict[str, Any]:
+    """Statistics of the spool file at ``path``, for ``flexedge diagnostics``, writing nothing.  Blocking.
+
+    The daemon may be writing meanwhile.  With a WAL beside the file (a daemon running or one
+    that crashed), the file is opened ``mode=ro`` and read as any reader reads it: SQLite uses
+    the shared-memory index (``-shm``) as readers do, and the file and its WAL are not written.
+    Without one (the daemon stopped cleanly), a ``mode=ro`` open would create ``-wal`` and
+    ``-shm`` files, owned by whoever runs the command, so the file is read ``immutable``.
+    Every query stops at ``time_limit_s`` (a spool of a gigabyte takes seconds to scan); what
+    did not finish is said so.  Raises SpoolError when the file cannot be read at all.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + time_limit_s
+    files = {}
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            files[f"{path.name}{suffix}"] = os.stat(f"{path}{suffix}").st_size
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SpoolError(f"spool {path}{suffix}: cannot be reached: {describe_os_error(exc)}") from None
+    if path.name not in files:
+        raise SpoolError(f"spool {path} does not exist")
+    with_wal = f"{path.name}-wal" in files and f"{path.name}-shm" in files
+    mode = "mode=ro" if with_wal else "immutable=1"
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True,
+                             timeout=min(2.0, time_limit_s), check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"spool {path} cannot be opened read-only: {exc}") from None
+    db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)  # a non-zero answer interrupts the query
+    result: dict[str, Any] = {"path": str(path), "files_bytes": files, "opened": mode, "unfinished": []}
+
+    def query(what: str, sql: str) -> list[tuple] | None:
+        try:
+            return db.execute(sql).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "interrupted" in str(exc):
+                result["unfinished"].append(f"{what}: not finished within {time_limit_s:g} s")
+                return None
+            raise
+
+    try:
+        for pragma in ("user_version", "page_size", "page_count", "freelist_count", "journal_mode"):
+            rows = query(pragma, f"PRAGMA {pragma}")
+            result[pragma] = rows[0][0] if rows else None
+        counters = dict(query("counters", "SELECT name, value FROM counters") or [])
+        result["pending_counter"] = counters.get(_COUNTER_PENDING)
+        result["dropped_total"] = counters.get(_COUNTER_DROPPED)
+        result["last_seq"] = {name[len(_SEQ_PREFIX):]: value for name, value in counters.items()
+                              if name.startswith(_SEQ_PREFIX)}
+        rows = query("messages by topic", "SELECT topic, count(*), min(id), max(id), min(created_s), max(created_s) "
+                                          "FROM messages GROUP BY topic ORDER BY topic")
+        if rows is not None:
+            result["waiting_by_topic"] = [
+                {"topic": topic, "messages": count, "first_id": first, "last_id": last,
+                 "oldest_created_s": oldest, "newest_created_s": newest}
+                for topic, count, first, last, oldest, newest in rows]
+            result["waiting_total"] = sum(row[1] for row in rows)
+            result["oldest_created_s"] = min((row[4] for row in rows), default=None)
+            result["newest_created_s"] = max((row[5] for row in rows), default=None)
+        if result["page_size"] and result["page_count"] is not None and result["freelist_count"] is not None:
+            result["bytes_used"] = (result["page_count"] - result["freelist_count"]) * result["page_size"]
+        rows = query("quick_check", "PRAGMA quick_check(20)")
+        if rows is not None:
+            result["quick_check"] = [row[0] for row in rows]
+    except sqlite3.Error as exc:
+        raise SpoolError(f"spool {path} cannot be read: {exc}") from None
+    finally:
+        db.close()
+    return result

@@ -12,14 +12,15 @@ import argparse
 import asyncio
 from pathlib import Path
 
-DEMO_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "demo.yaml"
+from edge.resources import demo_profile_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     from simulators.demo.sites import DEFAULT_DEIE_SCRIPT
 
     demo = argparse.ArgumentParser(prog="flexedge demo", description="Run the demo site on bundled simulators.")
-    demo.add_argument("--profile", default=str(DEMO_PROFILE))
+    demo.add_argument("--profile", default=str(demo_profile_path()),
+                      help="the site profile to simulate (default: the shipped demo.yaml)")
     demo.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     demo.add_argument("--workdir", default=None, help="where the demo keeps its spool (default: a temporary folder)")
     demo.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",

@@ -204,6 +204,15 @@ def _demo_profile(profile: Profile, folder: Path) -> Profile:
     return profile.model_copy(update=updates)
 
 
+def _status_page_line(profile: Profile) -> str:
+    """Where the gateway's status page is (docs/local.md), when the profile turns it on."""
+    local = profile.local_http
+    if local is None:
+        return ""
+    host = "127.0.0.1" if local.host in ("0.0.0.0", "") else "::1" if local.host == "::" else local.host
+    return f"\nStatus page: http://{f'[{host}]' if ':' in host else host}:{local.port}/"
+
+
 def _describe_deie(script: str, limit_unit: str) -> str:
     from simulators.deie import parse_script
 
@@ -253,7 +262,7 @@ async def run_demo(profile_path: Path, duration_s: float | None = None, workdir:
         print(f"flexedge demo: site {profile.site.id}, {site.describe()}, {broker_name} on {mqtt.host}:{mqtt.port}; "
               f"cycle {profile.control.cycle_s:g} s.\nOnce every asset answers: VPP steps of {VPP_AMPLITUDE_KW:g} kW "
               f"every {VPP_STEP_S:g} s" + (f"; {deie_plan} (s from the VPP's start)" if deie_plan else "")
-              + ".  Ctrl-C stops.", flush=True)
+              + ".  Ctrl-C stops." + _status_page_line(profile), flush=True)
         try:
             async with broker, site:
                 gateway_task = asyncio.create_task(Gateway(profile).run(stop))
