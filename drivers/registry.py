@@ -110,3 +110,19 @@ def asset_problems(assets: list[Any]) -> list[tuple[tuple[Any, ...], str]]:
 
 def create_grid_link(cfg: Any, apply_orders: Callable[[GridOrders], Any], emit_event: EventSink) -> GridOperatorLink:
     return grid_link().create(cfg, apply_orders, emit_event)
+
+
+def seconds_option(low_s: float, high_s: float) -> Callable[[str], float]:
+    """An argparse ``type`` for a probe's ``--timeout-s``: a number of seconds within bounds."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not low_s <= value <= high_s:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{value:g} s is outside {low_s:g}..{high_s:g} s")
+        return value
+
+    return parse

@@ -28,6 +28,7 @@ from typing import Any
 import c104
 import yaml
 
+from drivers.registry import seconds_option
 from drivers.iec104 import apdu
 from edge import resources
 
@@ -62,14 +63,7 @@ def _common_address(text: str) -> int:
     return int(text)
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0.1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"{value:g} s is outside 0.1..60 s")
-    return value
+_timeout = seconds_option(0.1, 60)
 
 
 def add_arguments(parser) -> None:

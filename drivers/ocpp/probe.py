@@ -40,6 +40,7 @@ from drivers.ocpp.commands import request_ratings
 from drivers.ocpp.config import CHARGE_POINT_ID_PATTERN, OcppCharger, OcppServer
 from drivers.ocpp.handlers import CentralPoint16, CentralPoint201, evse_max_power_kw
 from drivers.ocpp.session import ChargerSession, TagHasher
+from drivers.registry import seconds_option
 
 HELP = ("Listen for one OCPP charger (1.6J or 2.0.1): print its identity, BootNotification, configuration and "
         "connectors, then exit.")
@@ -56,14 +57,7 @@ SMART_CHARGING_VARIABLES = (("SmartChargingCtrlr", "Enabled"), ("SmartChargingCt
 _request_ids = itertools.count(1)
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 1 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{value:g} s is outside 1..86400 s")
-    return value
+_timeout = seconds_option(1, 86400)
 
 
 def _port(text: str) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 from drivers.sunspec.codec import ModelBlock, layout_for
 from drivers.sunspec.config import Serial, SunSpecAsset
 from drivers.sunspec.control import choose_path, choose_var_path
+from drivers.registry import seconds_option
 from drivers.sunspec.discovery import AUTO_BASES, ModelMap, NotSunSpec, discover, plan_reads
 from drivers.sunspec.driver import COMMON_MODEL, POLLED_MODELS
 from drivers.sunspec.link import DeviceRejected, LinkFailure, ModbusLink
@@ -102,16 +103,7 @@ def _unit_id(text: str) -> int:
     return int(text)
 
 
-def _timeout(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0.05 <= value <= 30:
-        raise argparse.ArgumentTypeError(f"{value:g} s is outside 0.05..30 s")
-    return value
+_timeout = seconds_option(0.05, 30)
 
 
 def add_arguments(parser) -> None:
