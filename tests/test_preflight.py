@@ -166,6 +166,19 @@ def test_spool_is_a_damaged_database(tmp_path):
                    f"uplink.spool.path: spool {spool} is a damaged SQLite database (database disk image is malformed)")
 
 
+def test_check_leaves_a_stopped_daemons_spool_folder_as_it_was(tmp_path):
+    """No -wal/-shm files appear beside a spool nobody has open (they would belong to whoever ran check)."""
+    spool = tmp_path / "spool.sqlite"
+    with Spool(spool, 1 << 20) as store:
+        store.append("t", {"n": 1}, seq_stream="telemetry")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    content, mtime = spool.read_bytes(), spool.stat().st_mtime_ns
+    check = cli("check", str(write_profile(tmp_path, spool)))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["site.yaml"])
+    assert spool.read_bytes() == content and spool.stat().st_mtime_ns == mtime
+
+
 def test_spool_written_by_a_newer_flexedge(tmp_path):
     spool = tmp_path / "spool.sqlite"
     Spool(spool, 1 << 20).close()

@@ -183,8 +183,12 @@ def _new_spool_problem(path: Path, problem) -> FileProblem | None:
 
 def _database_problem(path: Path, problem) -> FileProblem | None:
     try:
-        # read-only: a check must not change a spool the daemon may be using
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=2.0)
+        # Read-only: a check must not change a spool the daemon may be using.  Without a WAL beside
+        # it (no daemon has it open), even a mode=ro open creates -wal and -shm files, owned by
+        # whoever runs the check: read it as immutable then (as edge.uplink.spool.inspect_read_only).
+        with_wal = path.with_name(path.name + "-wal").exists()
+        mode = "mode=ro" if with_wal else "immutable=1"
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, timeout=2.0)
     except sqlite3.Error as exc:
         return problem(f"cannot be opened by SQLite: {exc}")
     try:
