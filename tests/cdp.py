@@ -21,6 +21,8 @@ from typing import Any
 
 import websockets
 
+from conftest import terminate
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 15.0
@@ -77,13 +79,7 @@ class Chromium:
         self._stop()
 
     def _stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._log.close()
         self._profile.cleanup()
 

@@ -23,7 +23,7 @@ import c104
 import pytest
 import yaml
 
-from conftest import free_port, wait_port
+from conftest import free_port, until, wait_port
 from edge.runtime.daemon import Gateway
 from drivers.deie.link import DeieLink
 from drivers.deie.config import DeieConfig
@@ -42,17 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = "restart-site"
 LIMIT_KW = 6.0  # the operator's order: two 10 kW inverters in 8 kW of sun, 16 kW unlimited
 DEFAULT_LIMIT_KW = 12.0  # the profile's link-loss default: looser than the order
-
-
-async def until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 def site_profile(tmp_path: Path, broker_port: int, deie_port: int, devices=(), **deie) -> dict:

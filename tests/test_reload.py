@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, wait_port
+from conftest import free_port, until, wait_port
 from edge.config.profile import load_profile
 from edge.runtime.daemon import Gateway
 from edge.uplink.messages import Event, Status, Telemetry
@@ -52,17 +52,6 @@ def write(path: Path, doc: dict) -> str:
     body = yaml.safe_dump(doc).encode()
     path.write_bytes(body)
     return hashlib.sha256(body).hexdigest()
-
-
-async def until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 @asynccontextmanager
