@@ -57,6 +57,60 @@ class AssetReading:
     command_refused: bool = False
     detail: str = ""  # short human-readable note for logs and events
     read_at: float = field(default_factory=time.time)  # wall time of the measurement, s since epoch
+    # An EV charger's session as the charger and the EV tell it (ISO 15118 through OCPP);
+    # None: not a charger, or no EV.  See EvStatus.
+    ev: "EvStatus | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class EvStatus:
+    """An EV session as the charger and the car report it.  None: not told.
+
+    Energies are in kWh and kept current by the driver from its meter between the car's
+    messages (net: charging adds, discharging takes away).  Powers are magnitudes in kW.
+    ``p_min_kw`` / ``p_max_kw`` of the reading already hold the charger's and the EV's
+    power limits; what the battery's energy allows (minimum state of charge, the energy
+    needed by departure) is applied by the controller (edge/control/v2x.py), which alone
+    knows the driver's preferences.
+    """
+
+    bidirectional: bool = False  # charger, EV and session can discharge (V2X agreed)
+    soc_pct: float | None = None
+    capacity_kwh: float | None = None
+    departure_s: float | None = None  # the car's departure time, epoch s
+    energy_to_target_kwh: float | None = None  # still needed to reach the car's target (>= 0)
+    energy_above_min_kwh: float | None = None  # above the car's own minimum for V2X (<= 0: none to give)
+    energy_below_max_kwh: float | None = None  # room below the car's maximum state of charge
+    max_charge_kw: float | None = None  # the EV's (and charger's) limits from its charging needs
+    max_discharge_kw: float | None = None
+    min_charge_kw: float | None = None
+    min_discharge_kw: float | None = None
+    needs_at_s: float | None = None  # when the car last sent its charging needs, epoch s
+    operation_mode: str | None = None  # the OCPP 2.1 operation mode last accepted, e.g. CentralSetpoint
+    energy_charged_kwh: float = 0.0  # this session
+    energy_discharged_kwh: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PowerPlan:
+    """A charger's plan for the coming quarter hours: what it is to run at when nobody
+    commands it (the gateway gone, or no activation).  ``slots`` are (start_s, end_s,
+    power_kw) in epoch s and kW with the flexedge sign (charging negative), in order,
+    not overlapping; after the last slot the plan says nothing."""
+
+    slots: tuple[tuple[float, float, float], ...]
+    made_at_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchContext:
+    """How the controller sees an asset this cycle, for a device that follows an activation
+    signal itself (OCPP 2.1 AFRRSignal).  Powers in kW, flexedge sign."""
+
+    baseline_kw: float
+    band_up_kw: float  # >= 0: how far above the baseline it may be sent
+    band_down_kw: float  # >= 0
+    activation_level: float  # the site's activation as a fraction of its band that way, -1..1 (+ upward)
 
 
 @dataclass(slots=True)
@@ -137,6 +191,21 @@ class AssetDriver(abc.ABC):
         Non-blocking and idempotent; only called where ``volt_var_available``.  A
         driver without such a function keeps this default, which ignores it.
         """
+
+    #: Whether the driver wants ``set_dispatch_context`` every cycle (a device that runs its own aFRR loop).
+    wants_dispatch_context: bool = False
+
+    def set_plan(self, plan: "PowerPlan | None") -> None:
+        """The asset's plan for the coming quarter hours (EV smart charging), or None: no plan.
+
+        Non-blocking; called when the plan is made or changes.  A driver that can leave a
+        schedule in the device (an OCPP multi-period charging profile) sends it, so that a
+        device that loses the gateway keeps a sensible plan.  The default ignores it.
+        """
+
+    def set_dispatch_context(self, context: "DispatchContext | None") -> None:
+        """This cycle's baseline, band and site activation (None: no activation in force).
+        Called every cycle only where ``wants_dispatch_context``; non-blocking."""
 
     def device_ratings(self) -> "dict[str, DeviceRating]":
         """The ratings the device states about itself, keyed by the profile key each one
