@@ -202,3 +202,11 @@ class EvDefaults(Strict):
     max_departure_after_h: Annotated[float, _ranged(1.0, 168.0)] = Field(
         168.0, description="A departure given further ahead than this is rejected."
     )
+    v2x_min_soc_pct: Annotated[float, _ranged(0.0, 100.0)] = Field(
+        30.0, description="A bidirectional EV is never discharged below this state of charge (the driver's "
+                          "min_soc_pct and the car's own minimum can only raise it)."
+    )
+    v2x_horizon_s: Annotated[float, _ranged(60.0, 3600.0)] = Field(
+        900.0, description="A bidirectional EV's band must be deliverable for this long without breaking its "
+                           "minimum state of charge or its departure energy (an aFRR activation lasts up to 15 min)."
+    )

@@ -35,6 +35,7 @@ from edge.runtime.health import CycleStats
 from edge.config.profile import Profile
 from edge.control.setpoints import Setpoint, SetpointValidator
 from edge.control.bands import BandsMixin, RefusedBand
+from edge.control.ev_dispatch import EvDispatchMixin
 from edge.control.inbound import InboundMixin
 from edge.control.incapacity import Incapacity, IncapacityMixin
 from edge.control.reactive import ReactiveMixin, ReactiveShare, _volt_var_curve
@@ -96,10 +97,11 @@ class ControlState:
     incapacity: "Incapacity | None" = None  # the shortfall being reported, if any
 
 
-class Controller(InboundMixin, BandsMixin, ReactiveMixin, IncapacityMixin, TelemetryMixin):
+class Controller(InboundMixin, BandsMixin, EvDispatchMixin, ReactiveMixin, IncapacityMixin, TelemetryMixin):
     """The control cycle's façade: intake (edge/control/inbound.py), modes and bands
-    (bands.py), reactive power (reactive.py), incapacity (incapacity.py) and telemetry
-    (telemetry.py) are mixed in; the cycle itself, the writes and the grid orders are here."""
+    (bands.py), EV plans and batteries (ev_dispatch.py), reactive power (reactive.py),
+    incapacity (incapacity.py) and telemetry (telemetry.py) are mixed in; the cycle itself,
+    the writes and the grid orders are here."""
 
     def __init__(
         self,
@@ -149,6 +151,8 @@ class Controller(InboundMixin, BandsMixin, ReactiveMixin, IncapacityMixin, Telem
         # Assets whose baseline is planned: (power now, "schedule" | "ev_plan").  They are
         # commanded to it even with no activation in force.
         self._planned_kw: dict[str, tuple[float, str]] = {}
+        self._plans_sent: dict[str, Any] = {}  # the plan each charger's driver was last given
+        self._ev_energy_info: dict[str, dict[str, Any]] = {}  # this cycle's battery rules per V2X charger
 
     # ------------------------------------------------------------- wake-up
 
@@ -242,6 +246,8 @@ class Controller(InboundMixin, BandsMixin, ReactiveMixin, IncapacityMixin, Telem
 
         self.schedules.expire(now)
         self._planned_kw = self._planned_baselines(now, readings)
+        self._send_ev_plans(now)
+        self._limit_ev_energy(now, readings)  # in place: the image carries the battery's limits
         requested, site_power_kw = self._requested_activation(now, dt)
         if self.fcr is not None:
             requested += self._fcr_activation(readings, mono, now)
@@ -277,6 +283,7 @@ class Controller(InboundMixin, BandsMixin, ReactiveMixin, IncapacityMixin, Telem
                 asset.frozen_baseline_kw = None
 
         self._write(allocation, release=not now_active, readings=readings)
+        self._dispatch_contexts(allocation, bands)
         self._curve_assets = self._inverter_curves(readings)
         state.reactive = self._share_reactive(readings, allocation)
         self._write_reactive(state.reactive)

@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
+from edge.asset import EvStatus  # noqa: F401  (the car's charging needs, used in annotations)
 from edge.config.functions import MAX_EV_KWH, EvDefaults  # noqa: F401  (EvDefaults: the profile's section, used here)
 from edge.control.setpoints import SetpointRejected, iso_time, parse_time
 
@@ -53,7 +54,8 @@ class EvPreferencesRejected(Exception):
         self.reason = reason
 
 
-PREFERENCE_FIELDS = frozenset({"departure", "energy_kwh", "target_soc_pct", "battery_capacity_kwh", "ev_max_kw"})
+PREFERENCE_FIELDS = frozenset({"departure", "energy_kwh", "target_soc_pct", "battery_capacity_kwh", "ev_max_kw",
+                               "min_soc_pct"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +63,18 @@ class EvSessionNeeds:
     """What one session needs, from the driver's preferences or the profile defaults."""
 
     departure_s: float  # epoch s
-    energy_kwh: float  # over the whole session (subtract what was delivered before planning)
+    # "driver" and "default": over the whole session (subtract what was delivered before
+    # planning); "target_soc" and "ev": still needed now (see ``energy_is_remaining``).
+    energy_kwh: float
     ev_max_kw: float | None  # the EV's own maximum charging power, if known
-    departure_source: Literal["driver", "default"]
-    energy_source: Literal["driver", "target_soc", "default"]
+    departure_source: Literal["driver", "ev", "default"]
+    energy_source: Literal["driver", "target_soc", "ev", "default"]
+    min_soc_pct: float | None = None  # the driver's minimum state of charge for V2X, if given
+
+    @property
+    def energy_is_remaining(self) -> bool:
+        """True when ``energy_kwh`` is what is still needed now (from a state of charge or the car)."""
+        return self.energy_source in ("target_soc", "ev")
 
 
 def _bounded(preferences: Mapping[str, Any], field: str, low: float, high: float, low_open: bool) -> float | None:
@@ -87,8 +97,11 @@ def session_needs(
     session_started_s: float,
     defaults: EvDefaults,
     soc_pct: float | None = None,
+    car: "EvStatus | None" = None,
 ) -> EvSessionNeeds:
-    """Validate the driver's preferences (None: none given) and fill the gaps from the defaults.
+    """Validate the driver's preferences (None: none given) and fill the gaps from the car's
+    charging needs (``car``: ISO 15118 NotifyEVChargingNeeds, through the charger), then from
+    the defaults.  The driver's word comes first, the car's next, the profile's last.
 
     Preferences: ``departure`` (ISO 8601 with zone, or epoch s; in the future, within
     ``max_departure_after_h``), and at most one of ``energy_kwh`` or ``target_soc_pct``
@@ -104,7 +117,8 @@ def session_needs(
     if unknown:
         raise EvPreferencesRejected(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
 
-    departure_source: Literal["driver", "default"]
+    departure_source: Literal["driver", "ev", "default"]
+    car_departure_s = _car_value(car, "departure_s", now_s, now_s + defaults.max_departure_after_h * 3600)
     if prefs.get("departure") is not None:
         try:
             departure_s = parse_time(prefs["departure"], "departure")
@@ -117,6 +131,8 @@ def session_needs(
                 f"departure: {(departure_s - now_s) / 3600:.1f} h ahead, more than {defaults.max_departure_after_h:g} h"
             )
         departure_source = "driver"
+    elif car_departure_s is not None:
+        departure_s, departure_source = car_departure_s, "ev"
     else:
         departure_s = session_started_s + defaults.default_departure_after_h * 3600
         if departure_s <= now_s:
@@ -127,6 +143,9 @@ def session_needs(
     target_soc_pct = _bounded(prefs, "target_soc_pct", 0.0, 100.0, low_open=False)
     capacity_kwh = _bounded(prefs, "battery_capacity_kwh", 0.0, MAX_EV_KWH, low_open=True)
     ev_max_kw = _bounded(prefs, "ev_max_kw", 0.0, MAX_EV_KW, low_open=True)
+    min_soc_pct = _bounded(prefs, "min_soc_pct", 0.0, 100.0, low_open=False)
+    if ev_max_kw is None:
+        ev_max_kw = _car_value(car, "max_charge_kw", 0.0, MAX_EV_KW)
     if energy_kwh is not None and target_soc_pct is not None:
         raise EvPreferencesRejected("give at most one of energy_kwh or target_soc_pct")
     if target_soc_pct is not None and capacity_kwh is None:
@@ -134,16 +153,30 @@ def session_needs(
     if capacity_kwh is not None and target_soc_pct is None:
         raise EvPreferencesRejected("battery_capacity_kwh: only used with target_soc_pct")
 
-    energy_source: Literal["driver", "target_soc", "default"]
+    energy_source: Literal["driver", "target_soc", "ev", "default"]
+    car_energy_kwh = _car_value(car, "energy_to_target_kwh", 0.0, MAX_EV_KWH, clamp=True)
     if energy_kwh is not None:
         energy_source = "driver"
     elif target_soc_pct is not None and capacity_kwh is not None and soc_pct is not None and math.isfinite(soc_pct):
         energy_kwh = max(0.0, (target_soc_pct - min(max(soc_pct, 0.0), 100.0)) / 100.0 * capacity_kwh)
         energy_source = "target_soc"
+    elif car_energy_kwh is not None:
+        energy_kwh, energy_source = car_energy_kwh, "ev"
     else:
         energy_kwh = defaults.default_energy_kwh
         energy_source = "default"
-    return EvSessionNeeds(departure_s, energy_kwh, ev_max_kw, departure_source, energy_source)
+    return EvSessionNeeds(departure_s, energy_kwh, ev_max_kw, departure_source, energy_source, min_soc_pct)
+
+
+def _car_value(car: "EvStatus | None", name: str, low: float, high: float, clamp: bool = False) -> float | None:
+    """A figure from the car's charging needs if it is usable: finite and in [low, high]
+    (``clamp``: brought into it); otherwise None, and the next source applies."""
+    value = getattr(car, name, None) if car is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if clamp:
+        return min(max(float(value), low), high)
+    return float(value) if low < value <= high else None
 
 
 # ------------------------------------------------------------------ planning

@@ -31,6 +31,7 @@ from edge.control.ev_planner import (
     ChargingPlan,
     EvDefaults,
     EvPreferencesRejected,
+    EvSessionNeeds,
     plan_charging,
     planning_slots,
     session_needs,
@@ -49,6 +50,9 @@ class EvSession:
     delivered_kwh: float = 0.0
     last_sample_s: float | None = None
     plan: ChargingPlan | None = None
+    needs: EvSessionNeeds | None = None  # what the plan was made for
+    remaining_kwh: float | None = None  # still to be charged by departure, when planned
+    delivered_at_plan_kwh: float = 0.0
     planned_slot: int | None = None  # the quarter hour the plan was made in
     planned_for: tuple[Any, ...] = field(default_factory=tuple)  # what the plan depended on
 
@@ -79,7 +83,8 @@ class EvSessions:
             return asset_id, f"asset_id: no EV is plugged in at {asset_id!r}"
         reading = readings.get(asset_id)
         try:
-            session_needs(payload, now_s, session.started_s, self.defaults, reading.soc_pct if reading else None)
+            session_needs(payload, now_s, session.started_s, self.defaults, reading.soc_pct if reading else None,
+                          reading.ev if reading else None)
         except EvPreferencesRejected as rejection:
             return asset_id, bounded(rejection.reason)
         try:
@@ -105,7 +110,8 @@ class EvSessions:
         tariff_key += tuple(s.id for s in self.schedules.in_force("connection_limits"))
         for asset_id in chargers:
             reading = readings[asset_id]
-            plugged = reading.online and reading.p_min_kw is not None and reading.p_min_kw < 0
+            # A full bidirectional EV can have nothing left to charge and still be plugged in.
+            plugged = reading.online and (reading.p_min_kw is not None and reading.p_min_kw < 0 or reading.ev is not None)
             session = self.sessions.get(asset_id)
             if not plugged:
                 if session is not None:
@@ -116,27 +122,40 @@ class EvSessions:
                 session = self.sessions[asset_id] = EvSession(asset_id, now_s)
             self._meter(session, reading, now_s)
             slot = math.floor(now_s / SLOT_S)
-            if session.plan is None or session.planned_slot != slot or session.planned_for != tariff_key:
-                self._plan(session, reading, now_s, slot, tariff_key)
+            # The car's charging needs arriving or changing make a new plan too.
+            key = tariff_key + (reading.ev.needs_at_s if reading.ev is not None else None,)
+            if session.plan is None or session.planned_slot != slot or session.planned_for != key:
+                self._plan(session, reading, now_s, slot, key)
             if session.plan is not None:
                 planned[asset_id] = session.plan.site_power_kw_at(now_s)
         return planned
 
+    def need_now(self, asset_id: str) -> tuple[float, float, float | None] | None:
+        """(energy still needed now in kWh, departure epoch s, driver's min SoC %) of the session at
+        ``asset_id``, from its last plan and what was delivered since; None without a planned session."""
+        session = self.sessions.get(asset_id)
+        if session is None or session.needs is None or session.remaining_kwh is None:
+            return None
+        need_kwh = max(0.0, session.remaining_kwh - (session.delivered_kwh - session.delivered_at_plan_kwh))
+        return need_kwh, session.needs.departure_s, session.needs.min_soc_pct
+
     def _meter(self, session: EvSession, reading: AssetReading, now_s: float) -> None:
-        """Energy delivered so far, from the metered power between samples."""
+        """Net energy delivered so far, from the metered power between samples (a bidirectional EV
+        that discharges takes energy back)."""
         if session.last_sample_s is not None and reading.p_kw is not None and math.isfinite(reading.p_kw):
-            session.delivered_kwh += max(0.0, -reading.p_kw) * max(0.0, now_s - session.last_sample_s) / 3600
+            session.delivered_kwh += -reading.p_kw * max(0.0, now_s - session.last_sample_s) / 3600
         session.last_sample_s = now_s
 
     def _plan(self, session: EvSession, reading: AssetReading, now_s: float, slot: int, tariff_key) -> None:
-        max_kw = -reading.p_min_kw
+        max_kw = max(0.0, -(reading.p_min_kw or 0.0))
         min_kw = -reading.p_gap_kw[0] if reading.p_gap_kw else 0.0
         try:
-            needs = session_needs(session.preferences, now_s, session.started_s, self.defaults, reading.soc_pct)
+            needs = session_needs(session.preferences, now_s, session.started_s, self.defaults, reading.soc_pct,
+                                  reading.ev)
         except EvPreferencesRejected as rejection:  # e.g. the departure given has passed: plan on the defaults
             log.warning("%s: preferences no longer usable (%s): planning on the defaults", session.asset_id, rejection.reason)
             session.preferences = None
-            needs = session_needs(None, now_s, session.started_s, self.defaults, reading.soc_pct)
+            needs = session_needs(None, now_s, session.started_s, self.defaults, reading.soc_pct, reading.ev)
         grid = planning_slots(now_s, needs.departure_s)
         prices = None
         if grid and self.schedules.in_force("tariff"):
@@ -149,11 +168,14 @@ class EvSessions:
             sharing = max(1, len(self.sessions))
             available = [None if (h := self._headroom_kw(start, end)) is None else max(0.0, h) / sharing
                          for start, end in grid]
-        remaining_kwh = max(0.0, needs.energy_kwh - session.delivered_kwh)
+        # Energy from a state of charge or from the car is what is still needed now; the driver's
+        # or the default energy is for the whole session, less what was delivered.
+        remaining_kwh = max(0.0, needs.energy_kwh if needs.energy_is_remaining else needs.energy_kwh - session.delivered_kwh)
         plan = plan_charging(now_s, needs.departure_s, remaining_kwh, min(min_kw, max_kw), max_kw, needs.ev_max_kw,
                              prices, available)
         first = session.plan is None and session.planned_slot is None
         session.plan, session.planned_slot, session.planned_for = plan, slot, tariff_key
+        session.needs, session.remaining_kwh, session.delivered_at_plan_kwh = needs, remaining_kwh, session.delivered_kwh
         if plan.shortfall_kwh > 0:
             log.warning("%s: %.2f kWh short of the %.2f kWh needed by departure: %s", session.asset_id,
                         plan.shortfall_kwh, remaining_kwh, plan.reason)

@@ -72,6 +72,8 @@ class TelemetryMixin:
                 "q_setpoint_kvar": _round(q_target),
                 **_freshness(reading, now),
             }
+            if asset.kind == "ev_charger":
+                assets_out[asset.id]["ev"] = self._ev_telemetry(asset.id, reading, now)
             if asset.kind != "meter":
                 if reading.online and reading.p_kw is not None:
                     sum_p += reading.p_kw

@@ -82,6 +82,8 @@ class EvPreferencesMessage(Contract):
     target_soc_pct: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
     battery_capacity_kwh: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] | None = None
     ev_max_kw: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] | None = None
+    min_soc_pct: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = Field(
+        None, description="A bidirectional EV is never discharged below this state of charge.")
 
 
 class ScheduleAck(Contract):
@@ -111,6 +113,27 @@ class SetpointAck(Contract):
     reason: str | None = Field(description="Why it was rejected, naming the field; null when accepted.")
     ts: str = Field(description="When the gateway decided, ISO 8601 UTC.")
     activation_kw: float | None = Field(description="The activation now in force; null when rejected.")
+
+
+class EvValues(Contract):
+    """An EV charger's session, as the charger and the car tell it (ISO 15118 through OCPP) and as
+    the gateway's battery rules leave it (docs/dispatch.md, "Bidirectional EVs")."""
+
+    bidirectional: bool = Field(description="The charger, the car and the session can discharge (OCPP 2.1 V2X).")
+    soc_pct: Kw = Field(description="The car's state of charge.")
+    departure: str | None = Field(description="Departure the plan works to (driver, car or default), ISO 8601 UTC.")
+    energy_to_departure_kwh: Kw = Field(description="Energy still to be charged by departure.")
+    charge_max_kw: Kw = Field(description="The most it can charge now (magnitude), battery rules applied.")
+    discharge_max_kw: Kw = Field(description="The most it can discharge now (magnitude), battery rules applied: "
+                                             "0 for a one-way session.")
+    min_soc_pct: Kw = Field(description="The minimum state of charge the discharge band keeps (the highest of the "
+                                        "profile's, the driver's and the car's); null for a one-way session.")
+    limited_by: Literal["minimum_soc", "departure_energy", "maximum_soc", "energy_unknown"] | None = Field(
+        description="The battery rule that narrows the band now, if any.")
+    operation_mode: str | None = Field(description="OCPP 2.1 operation mode last accepted by the charger "
+                                                   "(CentralSetpoint, ChargingOnly, CentralFrequency ...).")
+    energy_charged_kwh: Kw = Field(description="Charged this session.")
+    energy_discharged_kwh: Kw = Field(description="Discharged this session.")
 
 
 class AssetValues(Contract):
@@ -145,6 +168,8 @@ class AssetValues(Contract):
     age_ms: int | None = Field(
         ge=0, description="How old the asset's values were at ts (ts - read_at), in ms; null while it is offline."
     )
+    ev: EvValues | None = Field(
+        None, description="EV chargers only: the session with its EV; null while no EV is plugged in.")
 
 
 class SiteValues(Contract):
