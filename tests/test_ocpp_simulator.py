@@ -104,7 +104,7 @@ async def test_stations_record_rejections_and_bad_url_errors(tmp_path):
 
 def test_invalid_specs_name_the_field():
     with pytest.raises(ValueError, match="ocpp_version"):
-        StationSpec("CP1", "2.1")
+        StationSpec("CP1", "3.0")
     with pytest.raises(ValueError, match="max_power_kw"):
         EvSpec(max_power_kw=-1)
     with pytest.raises(ValueError, match="phases"):
