@@ -25,8 +25,8 @@ HTTP 404 and an ``ocpp_unknown_charge_point`` event (at most one a minute per id
 must send HTTP Basic credentials with its charge point id as user name (401
 and ``ocpp_auth_failed`` otherwise); profile 3 needs a client certificate
 signed by ``ca_file`` (the TLS handshake fails without one).  The subprotocol
-is ``ocpp2.0.1`` or ``ocpp1.6`` as the charger's ``ocpp_version`` allows, the
-newest the charger offers when ``auto``.  A charger connecting again replaces
+is ``ocpp2.1``, ``ocpp2.0.1`` or ``ocpp1.6`` as the charger's ``ocpp_version``
+allows, the newest the charger offers when ``auto``.  A charger connecting again replaces
 its previous link.  Nothing is sent to a charger before its BootNotification
 is answered, or ``boot_grace_s`` after it connected without sending one.
 """
@@ -55,14 +55,16 @@ from edge.asset import EventSink
 
 from drivers.ocpp.commands import command_loop
 from drivers.ocpp.config import OcppCharger, OcppServer
-from drivers.ocpp.handlers import CentralPoint16, CentralPoint201
+from drivers.ocpp.handlers import CentralPoint16, CentralPoint21, CentralPoint201
 from drivers.ocpp.pacing import LoopPacer
 from drivers.ocpp.session import ChargerSession, TagHasher
 
 log = logging.getLogger("flexedge.drivers.ocpp")
 
 REFUSAL_EVENT_INTERVAL_S = 60.0
-SUBPROTOCOLS = {"2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}
+SUBPROTOCOLS = {"2.1": "ocpp2.1", "2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}  # newest first: auto's preference
+VERSIONS = {name: version for version, name in SUBPROTOCOLS.items()}
+POINT_CLASSES = {"2.1": CentralPoint21, "2.0.1": CentralPoint201, "1.6": CentralPoint16}
 
 
 def load_or_create_salt(path: Path) -> bytes:
@@ -223,8 +225,8 @@ class OcppCentralSystem:
         if previous is not None:
             await previous.close(1000, "replaced by a new connection")
         self._links[cp_id] = connection
-        version = "2.0.1" if connection.subprotocol == "ocpp2.0.1" else "1.6"
-        point_class = CentralPoint201 if version == "2.0.1" else CentralPoint16
+        version = VERSIONS.get(connection.subprotocol, "1.6")
+        point_class = POINT_CLASSES[version]
         point = point_class(cp_id, connection, session, self.authorize, self.cfg.heartbeat_interval_s,
                             self.cfg.call_timeout_s, pacer=self.pacer)
         session.on_connected(version, _remote(connection))

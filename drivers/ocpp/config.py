@@ -20,6 +20,10 @@ CHARGE_POINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:*+|@-]{0,47}$"
 
 PURPOSES_16 = ("TxDefaultProfile", "TxProfile", "ChargePointMaxProfile")
 PURPOSES_201 = ("TxDefaultProfile", "TxProfile", "ChargingStationExternalConstraints", "ChargingStationMaxProfile")
+# 2.1 adds PriorityCharging and LocalGeneration, which the gateway does not use.
+PURPOSES_21 = PURPOSES_201
+# Purposes that can carry a V2X setpoint (a max profile or an external constraint only bounds).
+V2X_PURPOSES = ("TxDefaultProfile", "TxProfile")
 
 
 class LocalList(Strict):
@@ -76,18 +80,34 @@ class OcppServer(Strict):
         return self
 
 
+class V2xSettings(Strict):
+    """What a bidirectional (OCPP 2.1) charger can do; ``auto`` is learned from its device model."""
+
+    bidirectional: Literal["auto"] | bool = Field(
+        "auto", description="The charger can discharge an EV (V2X) under a CentralSetpoint profile. auto: learned "
+                            "at each connection from its device model (V2XChargingCtrlr); true needs OCPP 2.1.")
+    max_discharge_kw: Annotated[float, _ranged(0.1, 1000.0)] | None = Field(
+        None, description="Largest discharging power the gateway commands, kW; default: the charging rating.")
+    afrr_signal: Literal["auto"] | bool = Field(
+        "auto", description="The charger follows OCPP 2.1 AFRRSignal under a CentralFrequency profile. auto: learned "
+                            "(CentralFrequency among V2XChargingCtrlr.SupportedOperationModes).")
+    operation_mode: Literal["CentralSetpoint"] = Field(
+        "CentralSetpoint", description="Operation mode of V2X setpoints (the only one the gateway dispatches with; "
+                                       "CentralFrequency is used by itself for afrr_signal chargers).")
+
+
 class OcppCharger(AssetBase):
     kind: Literal["ev_charger"]
     driver: Literal["ocpp"]
     charge_point_id: Annotated[str, Field(pattern=CHARGE_POINT_ID_PATTERN)] = Field(
         description="Identity in the charger's URL (<path>/<charge_point_id>) and its Basic auth user name."
     )
-    ocpp_version: Literal["1.6", "2.0.1", "auto"] = Field(
-        "auto", description="Websocket subprotocol accepted from this charger; auto accepts both."
+    ocpp_version: Literal["1.6", "2.0.1", "2.1", "auto"] = Field(
+        "auto", description="Websocket subprotocol accepted from this charger; auto accepts any, the newest it offers."
     )
     password_file: Path | None = Field(None, description="File whose first line is the Basic auth password.")
     password_env: str | None = Field(None, description="Environment variable holding the Basic auth password.")
-    evse_id: Annotated[int, _ranged(1, 100)] = Field(1, description="2.0.1: EVSE controlled by this asset.")
+    evse_id: Annotated[int, _ranged(1, 100)] = Field(1, description="2.0.1 and 2.1: EVSE controlled by this asset.")
     connector_id: Annotated[int, _ranged(0, 100)] = Field(
         1, description="1.6: connector controlled by this asset (0 = the whole charge point)."
     )
@@ -115,6 +135,16 @@ class OcppCharger(AssetBase):
         1, description="chargingProfileId used, so each new limit replaces the last."
     )
     integer_limits: bool = Field(False, description="Charger refuses fractional limits: round down to integers.")
+    v2x: V2xSettings = Field(default_factory=V2xSettings,
+                             description="OCPP 2.1 bidirectional charging (V2X) and the aFRR signal.")
+    failsafe_kw: Annotated[float, _ranged(0.0, 1000.0)] | None = Field(
+        None, description="Limit of the max profile set at each connection, kW; default: the charger's share of "
+                          "grid.import_limit_kw (by rating), none without one.")
+    failsafe_profile_id: Annotated[int, _ranged(1, 2**31 - 1)] = Field(
+        2, description="chargingProfileId of the failsafe max profile; must differ from profile_id.")
+    plan_hold_s: Annotated[float, _ranged(10.0, 3600.0)] | None = Field(
+        None, description="With a plan, how long the current target holds before the plan's periods, s; "
+                          "default 3 x control.cycle_s, at least 10 s. The profile is refreshed before half of it.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "OcppCharger":
@@ -123,9 +153,22 @@ class OcppCharger(AssetBase):
         if self.min_current_a > self.max_current_a:
             raise ValueError(f"min_current_a ({self.min_current_a:g}) exceeds max_current_a ({self.max_current_a:g})")
         purpose = self.effective_purpose()
-        allowed = {"1.6": PURPOSES_16, "2.0.1": PURPOSES_201}.get(self.ocpp_version)
+        allowed = {"1.6": PURPOSES_16, "2.0.1": PURPOSES_201, "2.1": PURPOSES_21}.get(self.ocpp_version)
         if allowed is not None and purpose not in allowed:
             raise ValueError(f"profile_purpose {purpose!r} does not exist in OCPP {self.ocpp_version} ({', '.join(allowed)})")
+        for key in ("bidirectional", "afrr_signal"):
+            if getattr(self.v2x, key) is True and self.ocpp_version in ("1.6", "2.0.1"):
+                raise ValueError(f"v2x.{key}: true needs ocpp_version 2.1 or auto (got {self.ocpp_version}): "
+                                 f"V2X exists only in OCPP 2.1")
+            if getattr(self.v2x, key) is True and purpose not in V2X_PURPOSES:
+                raise ValueError(f"v2x.{key}: true needs a TxDefaultProfile or TxProfile purpose (got {purpose}): "
+                                 f"a {purpose} cannot carry a setpoint")
+        if self.v2x.afrr_signal is True and self.v2x.bidirectional is False:
+            raise ValueError("v2x.afrr_signal: true needs v2x.bidirectional true or auto: the aFRR signal "
+                             "moves a charger both ways")
+        if self.failsafe_profile_id == self.profile_id:
+            raise ValueError(f"failsafe_profile_id ({self.failsafe_profile_id}) must differ from profile_id "
+                             f"({self.profile_id}): each would replace the other")
         return self
 
     def effective_purpose(self) -> str:
@@ -137,6 +180,20 @@ class OcppCharger(AssetBase):
     def rated_kw(self) -> float:
         by_current = self.max_current_a * self.voltage_v * self.phases / 1000.0
         return min(by_current, self.max_power_kw) if self.max_power_kw is not None else by_current
+
+    @property
+    def max_discharge_kw(self) -> float:
+        """The largest discharge the gateway commands (v2x.max_discharge_kw, default the charging rating)."""
+        return self.v2x.max_discharge_kw if self.v2x.max_discharge_kw is not None else self.rated_kw
+
+    def may_discharge(self) -> bool:
+        """Whether this charger could be bidirectional at all (before anything is learned)."""
+        return (self.v2x.bidirectional is not False and self.ocpp_version in ("2.1", "auto")
+                and self.effective_purpose() in V2X_PURPOSES)
+
+    def hold_s(self, cycle_s: float) -> float:
+        """How long a plan's first period holds the current target (plan_hold_s)."""
+        return self.plan_hold_s if self.plan_hold_s is not None else max(3.0 * cycle_s, 10.0)
 
     @property
     def min_kw(self) -> float:
@@ -166,4 +223,5 @@ class OcppCharger(AssetBase):
 
 def describe(asset: OcppCharger) -> str:
     """The charger, one line for `flexedge check`."""
-    return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}"
+    v2x = " (V2X)" if asset.v2x.bidirectional is True else ""
+    return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}{v2x}"

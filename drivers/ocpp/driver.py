@@ -11,6 +11,9 @@ their charger with it, and the last one to stop closes it.  Two different
 Which ``OcppServer`` a charger uses: the one given to ``OcppChargerDriver``,
 else the one set with ``configure_site(server)`` (the daemon calls it with the
 profile's site-level OCPP settings before creating drivers), else defaults.
+Its failsafe share of the site's connection limits likewise: given, else set
+with ``configure_failsafe(shares)`` (``drivers.ocpp.prepare_site``), else its
+own ``failsafe_kw``, else none.
 """
 
 from __future__ import annotations
@@ -19,19 +22,26 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from edge.asset import AssetDriver, AssetReading, DeviceRating, EventSink
+from edge.asset import AssetDriver, AssetReading, DeviceRating, DispatchContext, EventSink, PowerPlan
 
 from drivers.ocpp.central import OcppCentralSystem
 from drivers.ocpp.config import OcppCharger, OcppServer
 from drivers.ocpp.session import ChargerSession
 
 _site_server: OcppServer | None = None
+_site_failsafe: dict[str, tuple[float, float | None]] = {}
 
 
 def configure_site(server: OcppServer | None) -> None:
     """Set the site-level OCPP server settings used by drivers created afterwards."""
     global _site_server
     _site_server = server
+
+
+def configure_failsafe(shares: dict[str, tuple[float, float | None]]) -> None:
+    """Set each charger's failsafe (import kW, export kW or None) by asset id, for drivers created afterwards."""
+    global _site_failsafe
+    _site_failsafe = dict(shares)
 
 
 def site_server() -> OcppServer:
@@ -80,17 +90,28 @@ async def attached(server: OcppServer, charger: OcppCharger, emit_event: EventSi
 
 
 class OcppChargerDriver(AssetDriver):
-    def __init__(self, asset: OcppCharger, cycle_s: float, emit_event: EventSink, server: OcppServer | None = None):
+    def __init__(self, asset: OcppCharger, cycle_s: float, emit_event: EventSink, server: OcppServer | None = None,
+                 failsafe: tuple[float, float | None] | None = None):
         super().__init__(asset.id, cycle_s, emit_event)
         self.asset = asset
         self.server = server if server is not None else site_server()
+        if failsafe is None:
+            failsafe = _site_failsafe.get(asset.id)
+        if failsafe is None and asset.failsafe_kw is not None:
+            failsafe = (asset.failsafe_kw, None)
+        self.failsafe = failsafe
         self.session: ChargerSession | None = None
         self._target_kw: float | None = None
         self._target_given = False
+        self._plan: PowerPlan | None = None
+        self._context: DispatchContext | None = None
         self._ratings: dict[str, DeviceRating] = {}  # the last the charger stated; see device_ratings
 
     async def run(self) -> None:
         async with attached(self.server, self.asset, self.emit_event) as (session, server_task):
+            session.hold_s = self.asset.hold_s(self.cycle_s)
+            session.failsafe_kw = self.failsafe
+            session.plan, session.context = self._plan, self._context
             if self._target_given:
                 session.set_target_kw(self._target_kw)
             session.command_log = self.command_log
@@ -120,3 +141,20 @@ class OcppChargerDriver(AssetDriver):
         self._target_kw, self._target_given = target_kw, True
         if self.session is not None:
             self.session.set_target_kw(target_kw)
+
+    def set_plan(self, plan: PowerPlan | None) -> None:
+        """Sent as the periods after the current target (drivers.ocpp.schedule); newest wins."""
+        self._plan = plan
+        if self.session is not None:
+            self.session.set_plan(plan)
+
+    @property
+    def wants_dispatch_context(self) -> bool:  # type: ignore[override]
+        """A charger that follows AFRRSignal (the profile says so, or its device model did on this link)."""
+        session = self.session
+        return self.asset.v2x.afrr_signal is True or (session is not None and session.features.afrr_signal)
+
+    def set_dispatch_context(self, context: DispatchContext | None) -> None:
+        self._context = context
+        if self.session is not None:
+            self.session.set_dispatch_context(context)

@@ -1,8 +1,11 @@
-"""Central-system side of one websocket: OCPP 1.6J and 2.0.1 message handlers.
+"""Central-system side of one websocket: OCPP 1.6J, 2.0.1 and 2.1 message handlers.
 
-``CentralPoint16`` and ``CentralPoint201`` are the ocpp library's
+``CentralPoint16``, ``CentralPoint201`` and ``CentralPoint21`` are the ocpp library's
 ``ChargePoint`` classes with handlers that answer the charger and feed its
-``ChargerSession``.  Handlers never ``call()`` the charger themselves (the
+``ChargerSession``.  2.0.1 and 2.1 share one set of handlers (``Handlers2x``), each
+answering with its own version's result classes; 2.1 adds nothing the gateway must
+answer differently.  Both take an EV's charging needs (NotifyEVChargingNeeds) and
+schedule (NotifyEVChargingSchedule).  Handlers never ``call()`` the charger themselves (the
 library routes responses through the same receive loop, so a CALL awaited
 inside a handler would deadlock); commands go out from the connection's
 command task (``drivers.ocpp.central``).
@@ -16,6 +19,7 @@ import logging
 import math
 import time
 from datetime import datetime, timezone
+from types import ModuleType
 from typing import Any, Callable
 
 import ocpp.messages
@@ -25,8 +29,11 @@ from ocpp.v16 import ChargePoint as _ChargePoint16
 from ocpp.v16 import call_result as result16
 from ocpp.v201 import ChargePoint as _ChargePoint201
 from ocpp.v201 import call_result as result201
+from ocpp.v21 import ChargePoint as _ChargePoint21
+from ocpp.v21 import call_result as result21
 
 from drivers.ocpp.meter import decode_meter_values
+from drivers.ocpp.needs import decode_charging_needs, schedule_peak_w
 from drivers.ocpp.pacing import LoopPacer, message_priority
 from drivers.ocpp.session import ChargerSession
 
@@ -234,15 +241,10 @@ class CentralPoint16(PrebuiltCalls, _ChargePoint16):
         return result16.DataTransfer(status="UnknownVendorId")
 
 
-class CentralPoint201(PrebuiltCalls, _ChargePoint201):
-    def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
-                 heartbeat_s: int, response_timeout_s: float, pacer: LoopPacer | None = None):
-        super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
-        self.pacer = pacer
-        self.session = session
-        self.authorize_tag = authorize
-        self.heartbeat_s = heartbeat_s
-        self._init_boot_gate()
+class Handlers2x:
+    """The handlers of OCPP 2.0.1 and 2.1; ``results`` is the version's call_result module."""
+
+    results: ModuleType
 
     def _token_info(self, id_token: dict[str, Any] | None) -> dict[str, str]:
         tag = (id_token or {}).get("id_token", "")
@@ -257,7 +259,7 @@ class CentralPoint201(PrebuiltCalls, _ChargePoint201):
         self.session.on_boot({"vendor": charging_station.get("vendor_name"), "model": charging_station.get("model"),
                               "firmware": charging_station.get("firmware_version"), "reason": reason})
         self.boot_status = "Accepted"
-        return result201.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status=self.boot_status)
+        return self.results.BootNotification(current_time=now_iso(), interval=self.heartbeat_s, status=self.boot_status)
 
     @after("BootNotification")
     def after_boot(self, **_):
@@ -265,31 +267,31 @@ class CentralPoint201(PrebuiltCalls, _ChargePoint201):
 
     @on("Heartbeat")
     def on_heartbeat(self, **extra):
-        return result201.Heartbeat(current_time=now_iso())
+        return self.results.Heartbeat(current_time=now_iso())
 
     @on("StatusNotification")
     def on_status(self, timestamp: str, connector_status: str, evse_id: int, connector_id: int, **extra):
         if evse_id == self.session.charger.evse_id:
             self.session.on_status(connector_status)
-        return result201.StatusNotification()
+        return self.results.StatusNotification()
 
     @on("Authorize")
     def on_authorize(self, id_token: dict, **extra):
-        return result201.Authorize(id_token_info=self._token_info(id_token))
+        return self.results.Authorize(id_token_info=self._token_info(id_token))
 
     @on("TransactionEvent")
     def on_transaction_event(self, event_type: str, timestamp: str, trigger_reason: str, seq_no: int,
                              transaction_info: dict, **extra):
         evse = extra.get("evse") or {}
         if evse and evse.get("id") != self.session.charger.evse_id:
-            return result201.TransactionEvent()
+            return self.results.TransactionEvent()
         session = self.session
         transaction_id = transaction_info["transaction_id"]
         sample = decode_meter_values(extra.get("meter_value") or [])
         id_token = extra.get("id_token")
-        response = result201.TransactionEvent()
+        response = self.results.TransactionEvent()
         if id_token is not None:
-            response = result201.TransactionEvent(id_token_info=self._token_info(id_token))
+            response = self.results.TransactionEvent(id_token_info=self._token_info(id_token))
         tag = id_token.get("id_token") if id_token and response.id_token_info["status"] == "Accepted" else None
         if event_type == "Ended":
             session.on_meter(sample)
@@ -303,21 +305,76 @@ class CentralPoint201(PrebuiltCalls, _ChargePoint201):
     def on_meter_values(self, evse_id: int, meter_value: list, **extra):
         if evse_id == self.session.charger.evse_id:
             self.session.on_meter(decode_meter_values(meter_value))
-        return result201.MeterValues()
+        return self.results.MeterValues()
 
     @on("DataTransfer")
     def on_data_transfer(self, vendor_id: str, **extra):
         log.info("%s: DataTransfer from vendor %s, message %s", self.id, vendor_id, extra.get("message_id"))
-        return result201.DataTransfer(status="UnknownVendorId")
+        return self.results.DataTransfer(status="UnknownVendorId")
 
     @on("NotifyReport")
     def on_notify_report(self, request_id: int, generated_at: str, seq_no: int, **extra):
         # Asked for on every link (drivers.ocpp.commands.request_ratings); a report asked for
         # by anyone else that carries the variable counts as well.
-        kw = evse_max_power_kw(extra.get("report_data") or [], self.session.charger.evse_id)
+        report_data = extra.get("report_data") or []
+        kw = evse_max_power_kw(report_data, self.session.charger.evse_id)
         if kw is not None:
             self.session.on_device_max_power(kw, f"OCPP EVSE {self.session.charger.evse_id} Power maxLimit")
-        return result201.NotifyReport()
+        self.session.on_report(request_id, report_data, bool(extra.get("tbc")))
+        return self.results.NotifyReport()
+
+    @on("NotifyEVChargingNeeds")
+    def on_charging_needs(self, evse_id: int, charging_needs: Any, **extra):
+        """Accepted, and the next profile follows within the cycle; Rejected for another EVSE or a
+        message nothing can be made of.  A bad value is left out with one log line naming it."""
+        session = self.session
+        if evse_id != session.charger.evse_id:
+            log.info("%s: NotifyEVChargingNeeds for EVSE %s, not this asset's (%d): rejected", self.id, evse_id,
+                     session.charger.evse_id)
+            return self.results.NotifyEVChargingNeeds(status="Rejected")
+        try:
+            needs, problems = decode_charging_needs(charging_needs, session.charger.voltage_v,
+                                                    session.charger.phases, time.time())
+        except Exception:  # a decoder bug must not take the link down: the car is told no
+            log.exception("%s: NotifyEVChargingNeeds could not be decoded", self.id)
+            needs, problems = None, []
+        for problem in problems:
+            log.warning("%s: NotifyEVChargingNeeds %s: ignored", self.id, problem)
+        if needs is None:
+            return self.results.NotifyEVChargingNeeds(status="Rejected")
+        session.on_charging_needs(needs)
+        return self.results.NotifyEVChargingNeeds(status="Accepted")
+
+    @on("NotifyEVChargingSchedule")
+    def on_charging_schedule(self, time_base: str, evse_id: int, charging_schedule: Any, **extra):
+        """The EV's own schedule within the profile sent: noted, not acted on."""
+        peak_w = schedule_peak_w(charging_schedule)
+        allowed_kw = self.session.charge_max_kw()
+        if peak_w is not None:
+            log.debug("%s: the EV's schedule peaks at %.0f W: %s the charging maximum of %.0f W", self.id, peak_w,
+                      "within" if peak_w <= allowed_kw * 1000.0 + 1.0 else "above", allowed_kw * 1000.0)
+        return self.results.NotifyEVChargingSchedule(status="Accepted")
+
+
+class _Central2x(Handlers2x, PrebuiltCalls):
+    def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
+                 heartbeat_s: int, response_timeout_s: float, pacer: LoopPacer | None = None):
+        super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
+        self.pacer = pacer
+        self.session = session
+        self.authorize_tag = authorize
+        self.heartbeat_s = heartbeat_s
+        self._init_boot_gate()
+
+
+class CentralPoint201(_Central2x, _ChargePoint201):
+    results = result201
+
+
+class CentralPoint21(_Central2x, _ChargePoint21):
+    """OCPP 2.1: the same handlers, 2.1's result classes and schemas."""
+
+    results = result21
 
 
 def evse_max_power_kw(report_data: list[dict[str, Any]], evse_id: int) -> float | None:

@@ -1,4 +1,4 @@
-"""From a power target to the limit of a charging profile, and back.
+"""From a power target to the limit of a charging profile, and back; the site's failsafe shares.
 
 Pure functions, so the minimum-current rule and the unit conversions are
 testable without a charger.  A charger can deliver 0 or anything in
@@ -57,3 +57,26 @@ def needs_sending(previous: ChargeLimit | None, new: ChargeLimit, deadband_kw: f
     if (previous.power_kw == 0) != (new.power_kw == 0):
         return True  # stopping or starting charging is never within a deadband
     return abs(previous.power_kw - new.power_kw) > deadband_kw
+
+
+def failsafe_shares(chargers: list[OcppCharger], import_limit_kw: float | None,
+                    export_limit_kw: float | None) -> dict[str, tuple[float, float | None]]:
+    """Each charger's failsafe (import kW, export kW or None), by asset id: its ``failsafe_kw``, else
+    its share of the site's import limit in proportion to the chargers' ratings; the export limit is
+    shared the same way among the chargers that may discharge, by their discharge ratings.  A
+    charger with neither a ``failsafe_kw`` nor an import limit to share gets none."""
+    total_kw = sum(c.rated_kw for c in chargers)
+    bidirectional = {c.id: c.max_discharge_kw for c in chargers if c.may_discharge()}
+    total_discharge_kw = sum(bidirectional.values())
+    shares: dict[str, tuple[float, float | None]] = {}
+    for charger in chargers:
+        import_kw = charger.failsafe_kw
+        if import_kw is None and import_limit_kw is not None and total_kw > 0:
+            import_kw = import_limit_kw * charger.rated_kw / total_kw
+        if import_kw is None:
+            continue
+        export_kw = None
+        if export_limit_kw is not None and charger.id in bidirectional and total_discharge_kw > 0:
+            export_kw = export_limit_kw * bidirectional[charger.id] / total_discharge_kw
+        shares[charger.id] = (import_kw, export_kw)
+    return shares

@@ -2,12 +2,13 @@
 
 A central system of one connection, built from the driver's own handlers
 (``drivers.ocpp.handlers``: the boot gate, the BootNotification and StatusNotification
-answers) with a little recording on top.  Any charge point id is accepted, with OCPP 2.0.1
-or 1.6J as the charger offers (2.0.1 first, as the driver).  Once the boot is answered
-(Accepted) it asks for the configuration: 1.6 GetConfiguration; 2.0.1 GetBaseReport
+answers) with a little recording on top.  Any charge point id is accepted, with OCPP 2.1,
+2.0.1 or 1.6J as the charger offers (newest first, as the driver).  Once the boot is answered
+(Accepted) it asks for the configuration: 1.6 GetConfiguration; 2.0.1 and 2.1 GetBaseReport
 (FullInventory) and the NotifyReport it brings, else GetVariables of the smart-charging
-variables, and the EVSE's power as the driver asks for it (``commands.request_ratings``);
-then a TriggerMessage for the connectors' StatusNotification.  Then it closes the link and
+variables, and the EVSE's power as the driver asks for it (``greeting.request_ratings``);
+on 2.1 the V2X features as the driver learns them (``features.ask_device_model``); then a
+TriggerMessage for the connectors' StatusNotification.  Then it closes the link and
 exits.  No charging profile is sent; ID tags are refused (the probe authorizes no one).
 
 Bounds: ``--timeout-s`` for a charger to connect; then ``EXCHANGE_S`` for everything
@@ -31,18 +32,20 @@ from ocpp.exceptions import OCPPError
 from ocpp.routing import on
 from ocpp.v16 import call as call16
 from ocpp.v201 import call as call201
+from ocpp.v21 import call as call21
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from drivers.ocpp.central import SUBPROTOCOLS
-from drivers.ocpp.commands import request_ratings
+from drivers.ocpp.central import SUBPROTOCOLS, VERSIONS
 from drivers.ocpp.config import CHARGE_POINT_ID_PATTERN, OcppCharger, OcppServer
-from drivers.ocpp.handlers import CentralPoint16, CentralPoint201, evse_max_power_kw
+from drivers.ocpp.features import ask_device_model, resolve
+from drivers.ocpp.greeting import request_ratings
+from drivers.ocpp.handlers import CentralPoint16, CentralPoint21, CentralPoint201, evse_max_power_kw
 from drivers.ocpp.session import ChargerSession, TagHasher
 from drivers.registry import seconds_option
 
-HELP = ("Listen for one OCPP charger (1.6J or 2.0.1): print its identity, BootNotification, configuration and "
+HELP = ("Listen for one OCPP charger (1.6J, 2.0.1 or 2.1): print its identity, BootNotification, configuration and "
         "connectors, then exit.")
 
 EXCHANGE_S = 30.0  # after the charger connected: boot, configuration, status
@@ -111,24 +114,35 @@ class _Probe16(_Recording, CentralPoint16):
         return CentralPoint16.on_status(self, connector_id, error_code, status, **extra)
 
 
-class _Probe201(_Recording, CentralPoint201):
+class _Recording2x(_Recording):
     @on("BootNotification")
     def on_boot(self, charging_station: dict, reason: str, **extra):
         self.boot = {**charging_station, "reason": reason, **extra}
-        return CentralPoint201.on_boot(self, charging_station, reason, **extra)
+        return super().on_boot(charging_station, reason, **extra)
 
     @on("StatusNotification")
     def on_status(self, timestamp: str, connector_status: str, evse_id: int, connector_id: int, **extra):
         self.statuses[(int(evse_id), int(connector_id))] = (connector_status, "")
         self.status_seen.set()
-        return CentralPoint201.on_status(self, timestamp, connector_status, evse_id, connector_id, **extra)
+        return super().on_status(timestamp, connector_status, evse_id, connector_id, **extra)
 
     @on("NotifyReport")
     def on_notify_report(self, request_id: int, generated_at: str, seq_no: int, **extra):
         self.report += extra.get("report_data") or []
         if not extra.get("tbc"):
             self.report_done.set()
-        return CentralPoint201.on_notify_report(self, request_id, generated_at, seq_no, **extra)
+        return super().on_notify_report(request_id, generated_at, seq_no, **extra)
+
+
+class _Probe201(_Recording2x, CentralPoint201):
+    pass
+
+
+class _Probe21(_Recording2x, CentralPoint21):
+    pass
+
+
+_PROBES = {"1.6": _Probe16, "2.0.1": _Probe201, "2.1": _Probe21}
 
 
 # ------------------------------------------------------------------ the exchange
@@ -197,14 +211,14 @@ class Exchange:
 
     async def _talk(self, connection: ServerConnection) -> None:
         cp_id = _charge_point_id(self.args.path, connection.request.path) or "?"
-        version = "2.0.1" if connection.subprotocol == SUBPROTOCOLS["2.0.1"] else "1.6"
+        version = VERSIONS.get(connection.subprotocol, "1.6")
         remote = connection.remote_address
         self.say("charger", f"{cp_id} from {remote[0]}:{remote[1]}, OCPP {version} (subprotocol {connection.subprotocol})")
         usable = re.fullmatch(CHARGE_POINT_ID_PATTERN, cp_id) is not None
         charger = OcppCharger(id="probe", kind="ev_charger", driver="ocpp", charge_point_id=cp_id if usable else "probe",
                               ocpp_version=version, connector_id=0)
         session = ChargerSession(charger, lambda *_: None, TagHasher(secrets.token_bytes(32)))
-        point_class = _Probe201 if version == "2.0.1" else _Probe16
+        point_class = _PROBES[version]
         point = point_class(cp_id, connection, session, lambda tag: False, OcppServer().heartbeat_interval_s,
                             CALL_TIMEOUT_S)
         point._init_record()
@@ -233,8 +247,10 @@ class Exchange:
             await self._configuration16(point)
             trigger = call16.TriggerMessage(requested_message="StatusNotification")
         else:
-            await self._configuration201(point, charger)
-            trigger = call201.TriggerMessage(requested_message="StatusNotification")
+            await self._configuration201(point, charger, version)
+            if version == "2.1":
+                await self._v2x21(point, charger)
+            trigger = (call21 if version == "2.1" else call201).TriggerMessage(requested_message="StatusNotification")
         try:
             await point.call(trigger, suppress=False)
         except (OCPPError, asyncio.TimeoutError) as error:
@@ -246,7 +262,7 @@ class Exchange:
         if not point.statuses:
             self.say("status", f"no StatusNotification within {STATUS_WAIT_S:g} s")
         for index, ((evse, connector), (status, error)) in enumerate(sorted(point.statuses.items())):
-            where = f"evse {evse} connector {connector}" if version == "2.0.1" else f"connector {connector}"
+            where = f"evse {evse} connector {connector}" if version != "1.6" else f"connector {connector}"
             self.say("status" if index == 0 else "", f"{where}: {status}"
                      + (f" ({error})" if error and error != "NoError" else ""))
 
@@ -265,9 +281,10 @@ class Exchange:
             flag = " (read-only)" if item.get("readonly") else ""
             self.say("", f"{item.get('key')!s:<{width}}  {item.get('value', '')}{flag}")
 
-    async def _configuration201(self, point, charger: OcppCharger) -> None:
+    async def _configuration201(self, point, charger: OcppCharger, version: str) -> None:
+        calls = call21 if version == "2.1" else call201
         try:
-            answer = await point.call(call201.GetBaseReport(request_id=next(_request_ids), report_base="FullInventory"),
+            answer = await point.call(calls.GetBaseReport(request_id=next(_request_ids), report_base="FullInventory"),
                                       suppress=False)
             status = answer.status
         except (OCPPError, asyncio.TimeoutError) as error:
@@ -279,22 +296,22 @@ class Exchange:
             self.say("config", f"GetBaseReport FullInventory: {len(point.report)} variables")
         else:
             self.say("config", f"GetBaseReport FullInventory: {status}")
-            await self._variables201(point)
+            await self._variables201(point, calls)
         if evse_max_power_kw(point.report, charger.evse_id) is None:
             # What the driver asks on every link: the EVSE's Power maxLimit, in a NotifyReport.
             point.report_done.clear()
-            await request_ratings(point, "2.0.1", charger)
+            await request_ratings(point, version, charger)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STATUS_WAIT_S):
                     await point.report_done.wait()
         for item in point.report:
             self.say("", _report_row(item))
 
-    async def _variables201(self, point) -> None:
+    async def _variables201(self, point, calls) -> None:
         wanted = [{"component": {"name": component}, "variable": {"name": variable}}
                   for component, variable in SMART_CHARGING_VARIABLES]
         try:
-            answer = await point.call(call201.GetVariables(get_variable_data=wanted), suppress=False)
+            answer = await point.call(calls.GetVariables(get_variable_data=wanted), suppress=False)
         except (OCPPError, asyncio.TimeoutError) as error:
             self.say("", f"GetVariables (smart charging): {_error_text(error)}")
             return
@@ -303,6 +320,20 @@ class Exchange:
             value = result.get("attribute_value") if result.get("attribute_status") == "Accepted" \
                 else f"({result.get('attribute_status')})"
             self.say("", f"{name:<40} {value}")
+
+    async def _v2x21(self, point, charger: OcppCharger) -> None:
+        """The V2X features, asked as the driver asks them at each connection."""
+        learned = await ask_device_model(point, point.session, REPORT_WAIT_S)
+        features = resolve(charger, "2.1", learned)
+        self.v2x = features
+        if learned is None:
+            self.say("v2x", "V2XChargingCtrlr: no answer to GetVariables nor GetBaseReport: taken as not bidirectional")
+            return
+        modes = ", ".join(learned.operation_modes) or "none stated"
+        enabled = {None: "not stated", True: "true", False: "false"}[learned.enabled]
+        self.say("v2x", f"V2XChargingCtrlr[{charger.evse_id}]: Enabled {enabled}; SupportedOperationModes {modes}")
+        self.say("", f"bidirectional (CentralSetpoint): {'yes' if features.bidirectional else 'no'}; "
+                     f"aFRR signal (CentralFrequency): {'yes' if features.afrr_signal else 'no'}")
 
     def _fragment(self, cp_id: str, usable: bool, version: str, point) -> None:
         if not usable:
@@ -314,14 +345,17 @@ class Exchange:
         connectors = sorted({key for key in point.statuses if key[1] > 0})
         if version == "1.6" and len(connectors) == 1:
             asset["connector_id"] = connectors[0][1]
-        if version == "2.0.1" and len({evse for evse, _ in connectors}) == 1:
+        if version != "1.6" and len({evse for evse, _ in connectors}) == 1:
             asset["evse_id"] = connectors[0][0]
-        kw = evse_max_power_kw(point.report, asset.get("evse_id", 1)) if version == "2.0.1" else None
+        kw = evse_max_power_kw(point.report, asset.get("evse_id", 1)) if version != "1.6" else None
         if kw is not None:
             asset["max_power_kw"] = kw
         units = str(getattr(self, "config16", {}).get("ChargingScheduleAllowedChargingRateUnit") or "")
         if "Power" in units and "Current" not in units:
             asset["limit_unit"] = "W"
+        features = getattr(self, "v2x", None)
+        if features is not None and features.bidirectional:
+            asset["v2x"] = {"bidirectional": True, "afrr_signal": features.afrr_signal}
         args = self.args
         self.fragment = {"ocpp": {"host": args.host, "port": args.port, "path": args.path}, "assets": [asset]}
 
@@ -345,7 +379,7 @@ async def probe(args, report) -> int:
     exchange = Exchange(args)
 
     def select_subprotocol(connection: ServerConnection, offered) -> Subprotocol | None:
-        for name in SUBPROTOCOLS.values():  # 2.0.1 first, as the central system
+        for name in SUBPROTOCOLS.values():  # newest first, as the central system
             if name in offered:
                 return Subprotocol(name)
         return None  # refused by websockets: the charger offers neither
@@ -364,7 +398,8 @@ async def probe(args, report) -> int:
         return 0
     started = time.monotonic()
     try:
-        report.line(f"listening on ws://{args.host}:{args.port}{args.path}/<charge point id> (OCPP 2.0.1, 1.6) for "
+        report.line(f"listening on ws://{args.host}:{args.port}{args.path}/<charge point id> "
+                    f"(OCPP 2.1, 2.0.1, 1.6) for "
                     f"{args.timeout_s:g} s: point the charger's central system URL here")
         try:
             async with asyncio.timeout(args.timeout_s):

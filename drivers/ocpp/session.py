@@ -1,13 +1,19 @@
 """What the central system knows about one charger, rebuilt from its messages.
 
 A ``ChargerSession`` lives as long as the central system, across websocket
-connections: the link comes and goes, the asset stays.  Handlers of both OCPP
-versions feed it (``on_status``, ``on_transaction_started`` ...); it turns
+connections: the link comes and goes, the asset stays.  Handlers of every OCPP
+version feed it (``on_status``, ``on_transaction_started`` ...); it turns
 them into the asset's ``AssetReading`` and upstream events.  After a gateway
 restart nothing is known until the charger speaks again: status comes from a
 StatusNotification (the central system asks for one with TriggerMessage on
 every connection) and a running transaction from the MeterValues or
 TransactionEvent that mention it.
+
+An EV's charging needs (ISO 15118, NotifyEVChargingNeeds) and its energy are kept in
+``self.ev`` (``drivers.ocpp.ev``).  A session is V2X (``v2x()``) when the link is OCPP
+2.1, the charger can discharge (``features``, from the profile or its device model,
+``drivers.ocpp.features``), and the car asked for a bidirectional transfer with a
+maximum discharge power above 0; its reading then offers discharging too.
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ import math
 import time
 from typing import Any, Callable
 
-from edge.asset import AssetReading, CommandLog, DeviceRating, EventSink
+from edge.asset import AssetReading, CommandLog, DeviceRating, DispatchContext, EventSink, PowerPlan
 
 from drivers.ocpp.config import OcppCharger
+from drivers.ocpp.ev import EvAccount
+from drivers.ocpp.features import ChargerFeatures
 from drivers.ocpp.limits import ChargeLimit
 from drivers.ocpp.meter import MeterSample
 from drivers.ocpp.pacing import LoopPacer
+from drivers.ocpp.schedule import LIMIT, SETPOINT, Command
+from drivers.ocpp.session_v2x import V2xSession
 
 # 1.6 ChargePointStatus and 2.0.1 ConnectorStatus values meaning a vehicle is plugged in.
 EV_PRESENT = {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing", "Occupied"}
@@ -66,7 +76,7 @@ class TagHasher:
         return hmac.new(self._salt, tag.encode(), hashlib.sha256).hexdigest()[:20]
 
 
-class ChargerSession:
+class ChargerSession(V2xSession):
     def __init__(self, charger: OcppCharger, emit_event: EventSink, hash_tag: Callable[[str | None], str | None]):
         self.charger = charger
         self.emit_event = emit_event
@@ -106,6 +116,25 @@ class ChargerSession:
         # pacer (a session on its own), a request sets it at once.
         self.command_wakeup = asyncio.Event()
         self.pacer: LoopPacer | None = None
+        # OCPP 2.1 and the EV (see the module's docstring).
+        self.ev = EvAccount()
+        self.features = ChargerFeatures()  # learned again at each connection
+        self._default_features_logged = False
+        self.v2x_transaction: str | None = None  # the transaction a v2x_session_started was emitted for
+        # The plan (multi-period profiles) and the dispatch context (AFRRSignal), newest wins.
+        self.plan: PowerPlan | None = None
+        self.context: DispatchContext | None = None
+        self.hold_s = 10.0  # the driver sets it from plan_hold_s and the cycle
+        self.failsafe_kw: tuple[float, float | None] | None = None  # (import, export) share; the driver sets it
+        # What the charger accepted last, and when (monotonic): a profile with a hold is refreshed.
+        self.command_in_force: Command | None = None
+        self.command_accepted_mono = 0.0
+        self.operation_mode: str | None = None  # 2.1: period 0's operation mode, as accepted
+        # Per connection: fallbacks for what the charger refused on this link.
+        self.frequency_refused = False  # AFRRSignal or a CentralFrequency profile: CentralSetpoint instead
+        self.clear_refused = False  # ClearChargingProfile: a limit at the rating instead
+        self.afrr_signal_sent: int | None = None
+        self._reports: dict[int, tuple[list[dict[str, Any]], asyncio.Future]] = {}
 
     def emit(self, event_type: str, detail: dict[str, Any]) -> None:
         self.emit_event(event_type, self.charger.id, {"charge_point_id": self.charger.charge_point_id, **detail})
@@ -116,6 +145,11 @@ class ChargerSession:
         self.connected = True
         self.ocpp_version = ocpp_version
         self.limit_in_force = None  # unknown after (re)connection: send again
+        self.command_in_force = None
+        self.operation_mode = None
+        self.features = ChargerFeatures()
+        self.frequency_refused = self.clear_refused = False
+        self.afrr_signal_sent = None
         self.request_command()
         self.emit("asset_online", {"ocpp_version": ocpp_version, "remote": remote})
 
@@ -147,8 +181,10 @@ class ChargerSession:
         self.emit("ev_connected" if present else "ev_disconnected", {})
         if not present:
             self.sample.power_w = 0.0
+            self.sample.export_power_w = None
             self.sample.current_a = 0.0
             self.sample.soc_pct = None
+            self.ev.reset()
 
     def on_transaction_started(self, transaction_id: str, id_tag: str | None, meter_start_wh: float | None) -> None:
         if transaction_id == self.transaction_id:
@@ -158,11 +194,13 @@ class ChargerSession:
         self.transaction_id = transaction_id
         self.tag_hash = self.hash_tag(id_tag)
         self.meter_start_wh = meter_start_wh
+        self.ev.start_transaction(meter_start_wh)
         self.limit_in_force = None  # a TxProfile belongs to one transaction: send the limit again
         self._set_ev_present(True)
         self.request_command()  # a TxProfile can only be sent now
         self.emit("session_started", {"transaction_id": transaction_id, "id_tag_hash": self.tag_hash,
                                        "meter_start_wh": meter_start_wh})
+        self._v2x_session_check()
 
     def on_transaction_seen(self, transaction_id: str) -> None:
         """A message names a transaction we did not see start (gateway restarted meanwhile)."""
@@ -177,19 +215,28 @@ class ChargerSession:
             energy_kwh = round((meter_stop_wh - self.meter_start_wh) / 1000.0, 4)
         self.emit("session_stopped", {"transaction_id": transaction_id, "id_tag_hash": self.tag_hash,
                                        "energy_kwh": energy_kwh, "reason": reason})
+        if self.v2x_transaction is not None:
+            self.emit("v2x_session_stopped", {
+                "transaction_id": self.v2x_transaction, "energy_charged_kwh": round(self.ev.charged_kwh(), 4),
+                "energy_discharged_kwh": round(self.ev.discharged_kwh(), 4), "reason": reason})
+            self.v2x_transaction = None
         self.transaction_id = None
         self.tag_hash = None
         self.meter_start_wh = None
         self.sample.power_w = 0.0
+        self.sample.export_power_w = None
         self.sample.current_a = 0.0
+        self.ev.reset()
+        self.request_command()  # a V2X setpoint ends with the session
 
     def on_meter(self, sample: MeterSample) -> None:
-        for name in ("power_w", "energy_wh", "current_a", "soc_pct"):
+        for name in ("power_w", "energy_wh", "current_a", "soc_pct", "export_power_w", "export_energy_wh"):
             value = getattr(sample, name)
             if value is not None:
                 setattr(self.sample, name, value)
         if self.transaction_id is not None and self.meter_start_wh is None and sample.energy_wh is not None:
             self.meter_start_wh = sample.energy_wh  # 2.0.1 has no meterStart: first register of the transaction
+        self.ev.on_registers(sample.energy_wh, sample.export_energy_wh)
         self.sample_at = time.time()
 
     # -------------------------------------------------------- command
@@ -207,30 +254,59 @@ class ChargerSession:
         elif self.connected:  # without a link there is no command task; on_connected asks again
             self.pacer.submit(self, self.command_wakeup.set, front=front)
 
-    def on_command_result(self, limit: ChargeLimit, accepted: bool, why: str, *, refused: bool = False,
+    def set_plan(self, plan: PowerPlan | None) -> None:
+        if plan != self.plan:
+            self.plan = plan
+            self.request_command()
+
+    def set_dispatch_context(self, context: DispatchContext | None) -> None:
+        if context != self.context:
+            self.context = context
+            if self.features.afrr_signal:
+                self.request_command()
+
+    def on_command_result(self, command: Command, accepted: bool, why: str, *, refused: bool = False,
                           purpose: str | None = None) -> bool:
-        """Record the outcome of a SetChargingProfile.  ``refused``: the charger answered no
-        (Rejected, a CALLERROR) or the profile cannot exist in its version, as opposed to no
-        answer.  Returns True when the refusal switched the charger to its fallback profile,
-        which is then to be sent at once."""
-        self.command_log.note("limit", limit.value, accepted, "Accepted" if accepted else why, limit.unit)
+        """Record the outcome of a SetChargingProfile (or a ClearChargingProfile).  ``refused``: the
+        charger answered no (Rejected, a CALLERROR) or the profile cannot exist in its version, as
+        opposed to no answer.  Returns True when the refusal switched the charger to its fallback
+        profile, which is then to be sent at once."""
+        value, unit = command.shown()
+        key = "setpoint" if command.mode == SETPOINT else "limit"
+        self.command_log.note(key, value, accepted, "Accepted" if accepted else why, unit or "")
         if accepted:
-            self.limit_in_force = limit
+            self.command_in_force = command
+            self.command_accepted_mono = time.monotonic()
+            self.limit_in_force = command.limit if command.mode == LIMIT else None
+            self.operation_mode = command.operation_mode(self.ocpp_version or "")
             self.command_refused = False
-            if self.fallback is None:
+            if self.fallback is None and command.mode == LIMIT:
                 self.configured_profile_accepted = True
             if self.degraded:
                 self.degraded = False
                 self.last_failure = ""
             return False
-        if refused and self._fall_back(limit, purpose, why):
+        if refused and command.mode == LIMIT and command.limit is not None \
+                and self._fall_back(command.limit, purpose, why):
             return True
         self.last_failure = why
         self.command_refused = True
-        self.emit("command_failed", {"limit": limit.value, "unit": limit.unit, "purpose": purpose, "reason": why})
+        self.emit("command_failed", {"limit": value, "unit": unit, "purpose": purpose, "reason": why})
         if not self.degraded:
             self.degraded = True
             self.emit("asset_degraded", {"reason": why})
+        return False
+
+    def on_frequency_refused(self, why: str) -> None:
+        """The charger refused AFRRSignal or its CentralFrequency profile: CentralSetpoint for the rest of the link."""
+        if self.frequency_refused:
+            return
+        self.frequency_refused = True
+        log.warning("%s: CentralFrequency refused (%s): CentralSetpoint for the rest of this connection",
+                    self.charger.charge_point_id, why)
+        self.emit("charging_profile_fallback", {"from_operation_mode": "CentralFrequency",
+                                                "to_operation_mode": "CentralSetpoint", "reason": why})
+        self.request_command(front=True)
 
     def _fall_back(self, limit: ChargeLimit, purpose: str | None, why: str) -> bool:
         """Switch to the fallback profile once, if the configured one may be what the charger refuses."""
@@ -252,9 +328,10 @@ class ChargerSession:
     # -------------------------------------------------------- reading
 
     def power_kw(self) -> float | None:
-        """Measured power, flexedge sign (charging is negative)."""
-        if self.sample.power_w is not None:
-            return -self.sample.power_w / 1000.0
+        """Measured power, flexedge sign (charging is negative): Export - Import."""
+        imported, exported = self.sample.power_w, self.sample.export_power_w
+        if imported is not None or exported is not None:
+            return ((exported or 0.0) - (imported or 0.0)) / 1000.0 + 0.0
         if self.sample.current_a is not None:
             c = self.charger
             return -self.sample.current_a * c.voltage_v * c.phases / 1000.0
@@ -273,16 +350,15 @@ class ChargerSession:
         return rated_kw if device is None else min(rated_kw, device.power_kw)
 
     def reading(self) -> AssetReading:
+        if self.v2x():
+            return self._v2x_reading()
         c = self.charger
         can_charge = self.connected and (self.ev_present or self.transaction_id is not None)
         rated_kw = self.rated_kw()
         p_min = -rated_kw if can_charge else 0.0
         detail = (f"discrete range {{0}} + [{-rated_kw:.2f}, {-c.min_kw:.2f}] kW"
                   if can_charge else ("no EV" if self.connected else "charger not connected"))
-        if self.last_failure:
-            detail += f"; last command failed: {self.last_failure}"
-        if self.fallback is not None:
-            detail += f"; profiles sent as {self.fallback['to_purpose']} in {self.fallback['to_unit']} (fallback)"
+        detail += self._detail_notes()
         return AssetReading(
             online=self.connected,
             p_kw=self.power_kw() if self.connected else None,
@@ -294,4 +370,14 @@ class ChargerSession:
             command_refused=self.connected and self.command_refused,
             detail=detail,
             read_at=self.sample_at or time.time(),
+            ev=self.ev_status() if self.ev.needs is not None and can_charge else None,
         )
+
+    def _detail_notes(self) -> str:
+        notes = ""
+        if self.last_failure:
+            notes += f"; last command failed: {self.last_failure}"
+        if self.fallback is not None:
+            notes += f"; profiles sent as {self.fallback['to_purpose']} in {self.fallback['to_unit']} (fallback)"
+        return notes
+
