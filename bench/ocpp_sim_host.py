@@ -30,8 +30,9 @@ from simulators.ocpp import EvSpec, OcppSimulator, StationSpec  # noqa: E402
 CONNECT_TIMEOUT_S = 120.0
 
 
-async def plug_in_when_connected(station, ev_max_kw: float, deadline_s: float) -> bool:
-    """Connect, then plug an EV in; retried until the deadline (a call can time out under a connection storm)."""
+async def plug_in_when_connected(station, ev_max_kw: float, deadline_s: float, ev: EvSpec | None = None) -> bool:
+    """Connect, then plug an EV in (``ev``, default a large battery drawing ``ev_max_kw``); retried until the
+    deadline (a call can time out under a connection storm)."""
     loop = asyncio.get_running_loop()
     while loop.time() < deadline_s:
         try:
@@ -39,7 +40,8 @@ async def plug_in_when_connected(station, ev_max_kw: float, deadline_s: float) -
         except asyncio.TimeoutError:
             return False
         # A large battery, so that no EV is full during the run and each keeps drawing its maximum.
-        if await station.plug_in(EvSpec(id_tag="BENCHTAG", capacity_kwh=500.0, soc_pct=20.0, max_power_kw=ev_max_kw)):
+        if await station.plug_in(ev or EvSpec(id_tag="BENCHTAG", capacity_kwh=500.0, soc_pct=20.0,
+                                              max_power_kw=ev_max_kw)):
             return True
         await asyncio.sleep(1.0)
     return False
