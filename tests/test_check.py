@@ -208,7 +208,7 @@ WARNINGS = {
                                    "asset 'boiler-1' and asset 'bess-2' (assets[3]) both use common address 1", 2),
     "two protocols on one port": (DEMO, [("port: 15023", "port: 15025")], "port: 15025", "assets[3].port",
                                   "127.0.0.1:15025 is also the address of asset 'bess-1'", 2),
-    "anyone may charge": (DEMO, [("mode: local_list\n    id_tags: [DEMO-EV-1, DEMO-EV-2, DEMO-EV-3, DEMO-EV-4]",
+    "anyone may charge": (DEMO, [("mode: local_list\n    id_tags: [DEMO-EV-1, DEMO-EV-2, DEMO-EV-3, DEMO-EV-4, DEMO-EV-5]",
                                   "mode: accept_all")], "mode: accept_all", "ocpp.authorize.mode",
                           "accept_all: any ID tag may charge"),
     "chargers without a password": (DEMO, [("  host: 127.0.0.1\n  port: 15028", "  host: 0.0.0.0\n  port: 15028")],

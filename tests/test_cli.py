@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 DEMO_ASSETS = ["pv-roof", "pv-carport", "bess-1", "bess-2", "boiler-1", "cp16-1", "cp16-2", "cp201-1", "cp201-2",
-               "meter-poc"]
-CHARGERS = [asset for asset in DEMO_ASSETS if asset.startswith("cp")]
+               "cp21-v2x", "meter-poc"]
+CHARGERS = [asset for asset in DEMO_ASSETS if asset.startswith("cp") and not asset.endswith("v2x")]  # one-way
 
 
 def _cell(header: str, line: str, asset: str) -> str:
@@ -50,6 +50,7 @@ def test_demo_runs_the_site_and_shows_every_cycle(broker, tmp_path):
     last = lines[-1]
     assert all(float(_cell(header, last, charger)) < 0 for charger in CHARGERS), out  # the EVs charge
     assert _cell(header, last, "bess-2").endswith("%"), out  # an IEC 104 battery, with its state of charge
+    float(_cell(header, last, "cp21-v2x"))  # the bidirectional EV: charging or discharging, online
     float(_cell(header, last, "boiler-1"))
 
     assert "grid operator (DEIE) limits export to 5 kW: positive confirmation" in out

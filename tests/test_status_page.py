@@ -22,7 +22,7 @@ from cdp import Chromium, chromium_binary, in_ci
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_ASSETS = ["pv-roof", "pv-carport", "bess-1", "bess-2", "boiler-1", "cp16-1", "cp16-2", "cp201-1", "cp201-2",
+DEMO_ASSETS = ["pv-roof", "pv-carport", "bess-1", "bess-2", "boiler-1", "cp16-1", "cp16-2", "cp201-1", "cp201-2", "cp21-v2x",
                "meter-poc"]
 
 
@@ -80,7 +80,7 @@ async def test_the_page_shows_the_site_live_and_the_grid_operators_limit(tmp_pat
         async with Chromium() as browser:
             page = await browser.new_page(url)
             assets = await page.wait_for(
-                "document.querySelectorAll('#assets tbody tr').length === 10 && "
+                "document.querySelectorAll('#assets tbody tr').length === 11 && "
                 "Array.from(document.querySelectorAll('#assets tbody tr strong')).map(e => e.textContent)",
                 20, "the assets table")
             assert assets == DEMO_ASSETS

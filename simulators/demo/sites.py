@@ -40,7 +40,11 @@ DEMO_EVS: dict[str, dict[str, Any]] = {
     "cp16-2": {"id_tag": "DEMO-EV-2", "capacity_kwh": 52.0, "soc_pct": 60.0, "max_power_kw": 11.0},
     "cp201-1": {"id_tag": "DEMO-EV-3", "capacity_kwh": 77.0, "soc_pct": 20.0, "max_power_kw": 11.0},
     "cp201-2": {"id_tag": "DEMO-EV-4", "capacity_kwh": 64.0, "soc_pct": 45.0, "max_power_kw": 7.4},
+    # Bidirectional (a 2.1 station): leaves in 6 h (DEMO_V2X_DEPARTURE_S), wants 10 % more.
+    "cp21-v2x": {"id_tag": "DEMO-EV-5", "capacity_kwh": 60.0, "soc_pct": 70.0, "target_soc_pct": 80.0,
+                 "max_power_kw": 11.0, "bidirectional": True, "min_soc_pct": 20.0},
 }
+DEMO_V2X_DEPARTURE_S = 6 * 3600.0
 SIM_KIND = {"pv": "pv", "bess": "storage", "meter": "meter"}
 # Seconds from the VPP's start, whose steps change every 10 s (0, +15, 0, -15 kW ...): the limit
 # comes mid-way through a zero step, so the site visibly drops to it, holds the +15 kW step at
@@ -98,12 +102,18 @@ def charger_specs(profile: Profile) -> list[tuple[Any, Any]]:
     pairs = []
     for asset in (a for a in profile.assets if a.driver == "ocpp"):
         version = "2.0.1" if asset.ocpp_version == "auto" else asset.ocpp_version
+        bidirectional = version == "2.1" and bool(DEMO_EVS.get(asset.id, {}).get("bidirectional"))
         station = StationSpec(asset.charge_point_id, ocpp_version=version, password=asset.password(),
+                              bidirectional=bidirectional,
                               max_current_a=asset.max_current_a, phases=asset.phases, voltage_v=asset.voltage_v,
                               connector_id=max(1, asset.connector_id), evse_id=asset.evse_id,
                               # The stations start before the gateway's central system listens.
                               reconnect_cap_s=1.0)
         ev = dict(DEMO_EVS.get(asset.id, {}))
+        if not bidirectional:
+            ev.pop("bidirectional", None)
+        elif "departure_s" not in ev:
+            ev["departure_s"] = time.time() + DEMO_V2X_DEPARTURE_S
         if "id_tag" not in ev:
             ev["id_tag"] = accepted[len(pairs) % len(accepted)] if accepted else f"DEMO-EV-{len(pairs) + 1}"
         pairs.append((station, EvSpec(**ev)))
