@@ -142,3 +142,29 @@ async def test_the_cars_needs_make_the_plan_and_the_station_keeps_it_when_the_ga
         await until(lambda: station.active_period().period_index != installed.period_index, 3,
                     "the station moving on through its schedule")
         assert station.active_period().power_w >= 0, "the plan charges, it never discharges"
+
+
+async def test_a_charger_with_its_own_afrr_loop_gets_the_sites_activation_as_afrr_signal(tmp_path, mosquitto):
+    ocpp_port = free_port()
+    profile = site_profile(tmp_path, mosquitto.port, ocpp_port, [
+        {"id": "v2x", "charge_point_id": "CP21", "ocpp_version": "2.1"}])
+    spec = StationSpec("CP21", "2.1", max_current_a=16, meter_interval_s=0.2, bidirectional=True, afrr_signal=True)
+    async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp, \
+            OcppSimulator(f"ws://127.0.0.1:{ocpp_port}/ocpp", [spec]) as sim:
+        station = sim.stations[0]
+        await station.wait_connected()
+        assert await station.plug_in(EvSpec(id_tag="T1", capacity_kwh=60, soc_pct=60, target_soc_pct=60,
+                                            bidirectional=True, departure_s=time.time() + 4 * 3600))
+        await until(lambda: (ev_block(vpp, "v2x") or {}).get("discharge_max_kw", 0) > 5, 10, "the V2X band")
+        features = [e["detail"] for e in vpp.events if e["type"] == "charger_features"]
+        assert features and features[-1]["afrr_signal"] is True and features[-1]["source"] == "device_model"
+        # Half the site's upward band: the station runs its curve at signal +500.
+        band_up = vpp.telemetry[-1]["site"]["band_up_kw"]
+        await vpp.send_setpoint(band_up / 2, valid_s=60)
+        signal = await until(lambda: [s for s in station.afrr_signals if s.signal > 0], 3 * CYCLE_S, "an AFRRSignal")
+        assert signal[-1].signal == pytest.approx(500, abs=20)
+        await until(lambda: station.operation_mode == "CentralFrequency", 1, "the station in CentralFrequency")
+        await until(lambda: ev_block(vpp, "v2x")["operation_mode"] == "CentralFrequency", 5, "the mode in telemetry")
+        # It follows its curve: half way from its baseline to its maximum discharge.
+        baseline_w = -vpp.telemetry[-1]["assets"]["v2x"]["baseline_kw"] * 1000  # OCPP sign: charging +
+        await until(lambda: station.power_w < baseline_w - 2000, 3, "the station moving up on the signal")
