@@ -105,6 +105,16 @@ class PrebuiltCalls:
 
     pacer: LoopPacer | None = None
 
+    def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
+                 heartbeat_s: int, response_timeout_s: float, pacer: LoopPacer | None = None):
+        # The central system's side of every version: the library's ChargePoint comes next in the MRO.
+        super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
+        self.pacer = pacer
+        self.session = session
+        self.authorize_tag = authorize
+        self.heartbeat_s = heartbeat_s
+        self._init_boot_gate()
+
     def _init_boot_gate(self) -> None:
         self.ready = asyncio.Event()
         self.boot_status: str | None = None  # our answer to the last BootNotification on this link
@@ -166,15 +176,6 @@ class PrebuiltCalls:
 
 
 class CentralPoint16(PrebuiltCalls, _ChargePoint16):
-    def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
-                 heartbeat_s: int, response_timeout_s: float, pacer: LoopPacer | None = None):
-        super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
-        self.pacer = pacer
-        self.session = session
-        self.authorize_tag = authorize
-        self.heartbeat_s = heartbeat_s
-        self._init_boot_gate()
-
     def _ours(self, connector_id: int) -> bool:
         wanted = self.session.charger.connector_id
         return wanted == 0 and connector_id != 0 or int(connector_id) == wanted
@@ -357,14 +358,7 @@ class Handlers2x:
 
 
 class _Central2x(Handlers2x, PrebuiltCalls):
-    def __init__(self, cp_id, connection, session: ChargerSession, authorize: Authorizer,
-                 heartbeat_s: int, response_timeout_s: float, pacer: LoopPacer | None = None):
-        super().__init__(cp_id, connection, response_timeout=response_timeout_s, logger=wire_log)
-        self.pacer = pacer
-        self.session = session
-        self.authorize_tag = authorize
-        self.heartbeat_s = heartbeat_s
-        self._init_boot_gate()
+    """The 2.0.1 and 2.1 handlers on the central system's connection."""
 
 
 class CentralPoint201(_Central2x, _ChargePoint201):
