@@ -1,0 +1,77 @@
+"""What the CPO backend checks before a charger's websocket opens: URL, credentials, TLS, subprotocol."""
+
+from __future__ import annotations
+
+import hmac
+import ssl
+from pathlib import Path
+from urllib.parse import unquote
+
+from websockets.exceptions import InvalidHeader, NegotiationError
+from websockets.headers import parse_authorization_basic
+from websockets.typing import Subprotocol
+
+SUBPROTOCOLS = {"2.1": "ocpp2.1", "2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}  # newest first: preferred
+VERSIONS = {name: version for version, name in SUBPROTOCOLS.items()}
+
+
+def check_security(security_profile: int, cert_file, key_file, ca_file) -> None:
+    if security_profile not in (1, 2, 3):
+        raise ValueError(f"security_profile must be 1, 2 or 3, got {security_profile!r}")
+    if security_profile == 1 and (cert_file or key_file or ca_file):
+        raise ValueError("cert_file/key_file/ca_file need security_profile 2 or 3 (profile 1 is plain ws)")
+    if security_profile >= 2 and not (cert_file and key_file):
+        raise ValueError(f"security_profile {security_profile} needs cert_file and key_file (the server's)")
+    if security_profile == 3 and not ca_file:
+        raise ValueError("security_profile 3 needs ca_file (the CA that signs the chargers' certificates)")
+
+
+def server_ssl_context(security_profile: int, cert_file: str | Path | None, key_file: str | Path | None,
+                       ca_file: str | Path | None) -> ssl.SSLContext | None:
+    """None for profile 1; TLS for 2; TLS with a required client certificate for 3.  Blocking (reads files)."""
+    if security_profile == 1:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file))
+        if security_profile == 3:
+            context.load_verify_locations(cafile=str(ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"CPO backend TLS files (cert_file/key_file/ca_file): {error}") from None
+    return context
+
+
+def charge_point_id(prefix_path: str, path: str) -> str | None:
+    """The last path segment after ``prefix_path``, or None when the URL does not name one charger."""
+    prefix = prefix_path.rstrip("/") + "/"
+    path = path.split("?", 1)[0]
+    if not path.startswith(prefix):
+        return None
+    cp_id = unquote(path[len(prefix):])
+    return cp_id if cp_id and "/" not in cp_id else None
+
+
+def check_basic(header: str | None, cp_id: str, password: str) -> str:
+    """'' when the Basic credentials are this charger's, else why not (no secret in the text)."""
+    if header is None:
+        return "no credentials"
+    try:
+        user, given = parse_authorization_basic(header)
+    except InvalidHeader:
+        return "malformed Authorization header"
+    if user != cp_id:
+        return "user name is not the charge point id"
+    if not hmac.compare_digest(given.encode(), password.encode()):
+        return "wrong password"
+    return ""
+
+
+def select_subprotocol(versions: tuple[str, ...], offered) -> Subprotocol:
+    """The newest of ``versions`` the charger offers; NegotiationError (HTTP 400) when none."""
+    for version, name in SUBPROTOCOLS.items():
+        if version in versions and name in offered:
+            return Subprotocol(name)
+    wanted = ", ".join(SUBPROTOCOLS[v] for v in versions)
+    raise NegotiationError(f"charger offers {', '.join(offered) or 'no subprotocol'}; want one of {wanted}")
