@@ -92,6 +92,19 @@ async def until(predicate, timeout_s=STEP_S, what="condition"):
 # ------------------------------------------------------------------ sessions
 
 
+@pytest.mark.parametrize("amps", [6, 10, 13, 16, 32])
+@pytest.mark.parametrize("phases", [1, 3])
+def test_a_target_at_a_whole_step_is_not_rounded_below_it(amps, phases):
+    """The controller's target for a full rating is computed in kW (16 A x 690 V = 11.04 kW), and
+    back in amps it is 15.999999...: that is 16 A, not 15.9 (the bench found 69 W short per charger)."""
+    charger = OcppCharger(id="ev", kind="ev_charger", driver="ocpp", charge_point_id="CP", phases=phases,
+                          max_current_a=32)
+    kw = amps * charger.voltage_v * phases / 1000.0
+    assert limit_for_target(charger, -kw).value == amps
+    watts = charger.model_copy(update={"limit_unit": "W"})
+    assert limit_for_target(watts, -kw).value == pytest.approx(kw * 1000, abs=0.05)
+
+
 async def test_both_versions_boot_authorize_charge_and_stop_through_the_daemon_factory(tmp_path):
     events = Events()
     cfg = server_cfg(tmp_path)

@@ -14,6 +14,18 @@ from dataclasses import dataclass
 from drivers.ocpp.config import OcppCharger
 
 
+# A limit is rounded down to what the charger takes (0.1, or 1 with integer_limits), but a value a
+# float's last bit below a step (16 A computed from 11.04 kW is 15.999999...) belongs to that step.
+ROUNDING_SLACK = 1e-6
+
+
+def round_down(value: float, integer: bool) -> float:
+    """``value`` rounded down to a whole number (``integer``) or to one decimal, float dust forgiven."""
+    if integer:
+        return float(math.floor(value + ROUNDING_SLACK))
+    return math.floor(value * 10 + ROUNDING_SLACK) / 10
+
+
 @dataclass(frozen=True, slots=True)
 class ChargeLimit:
     """A limit as sent on the wire, with the power it stands for."""
@@ -42,11 +54,11 @@ def limit_for_target(charger: OcppCharger, target_kw: float | None) -> ChargeLim
     volts_phases = charger.voltage_v * charger.phases
     if charger.limit_unit == "A":
         amps = charge_kw * 1000.0 / volts_phases
-        amps = math.floor(amps) if charger.integer_limits else math.floor(amps * 10) / 10
+        amps = round_down(amps, charger.integer_limits)
         if 0 < amps < charger.min_current_a:  # rounding must not fall into the gap
             amps = 0.0
         return ChargeLimit(float(amps), "A", amps * volts_phases / 1000.0, charger.phases)
-    watts = math.floor(charge_kw * 1000.0) if charger.integer_limits else math.floor(charge_kw * 10000) / 10
+    watts = round_down(charge_kw * 1000.0, charger.integer_limits)
     return ChargeLimit(float(watts), "W", watts / 1000.0, charger.phases)
 
 

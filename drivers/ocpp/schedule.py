@@ -25,7 +25,7 @@ from typing import Any, Callable
 from edge.asset import PowerPlan
 
 from drivers.ocpp.config import OcppCharger
-from drivers.ocpp.limits import ChargeLimit, limit_for_target, needs_sending
+from drivers.ocpp.limits import ChargeLimit, limit_for_target, needs_sending, round_down
 from drivers.ocpp.v2x import frequency_period, setpoint_period, watts
 
 LIMIT, SETPOINT, FREQUENCY, PLAN, CLEAR = "limit", "setpoint", "frequency", "plan", "clear"
@@ -251,7 +251,7 @@ def failsafe_payload(charger: OcppCharger, version: str, import_kw: float, expor
     per_kw = 1000.0 if unit == "W" else 1000.0 / (charger.voltage_v * charger.phases)
 
     def value(kw: float) -> float:
-        return float(math.floor(kw * per_kw)) if charger.integer_limits else math.floor(kw * per_kw * 10) / 10
+        return round_down(kw * per_kw, charger.integer_limits)
 
     period: dict[str, Any] = {"startPeriod": 0, "limit": value(import_kw)}
     if unit == "A":
