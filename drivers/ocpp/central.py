@@ -57,6 +57,7 @@ from drivers.ocpp.commands import command_loop
 from drivers.ocpp.config import OcppCharger, OcppServer
 from drivers.ocpp.handlers import CentralPoint16, CentralPoint21, CentralPoint201
 from drivers.ocpp.pacing import LoopPacer
+from drivers.ocpp.proxy.point import ProxiedSession
 from drivers.ocpp.session import ChargerSession, TagHasher
 
 log = logging.getLogger("flexedge.drivers.ocpp")
@@ -124,7 +125,9 @@ class OcppCentralSystem:
         if charger.charge_point_id in self.sessions:
             raise ValueError(f"charge_point_id {charger.charge_point_id!r} is used by two assets "
                              f"({self.sessions[charger.charge_point_id].charger.id!r} and {charger.id!r})")
-        session = ChargerSession(charger, emit_event or self.emit_event, self._hash_tag)
+        # A charger with an upstream CPO backend is proxied (drivers.ocpp.proxy).
+        session_class = ProxiedSession if charger.upstream is not None else ChargerSession
+        session = session_class(charger, emit_event or self.emit_event, self._hash_tag)
         session.pacer = self.pacer
         self.sessions[charger.charge_point_id] = session
         self._by_asset[charger.id] = charger.charge_point_id
@@ -137,6 +140,7 @@ class OcppCentralSystem:
         session = self.sessions.pop(cp_id, None)
         if session is not None:
             session.on_disconnected("charger removed from the central system")
+            session.close()
         link = self._links.pop(cp_id, None)
         if link is not None:
             asyncio.ensure_future(link.close(1001, "charger removed"))
@@ -226,9 +230,10 @@ class OcppCentralSystem:
             await previous.close(1000, "replaced by a new connection")
         self._links[cp_id] = connection
         version = VERSIONS.get(connection.subprotocol, "1.6")
-        point_class = POINT_CLASSES[version]
+        point_class = session.point_class(POINT_CLASSES[version])
         point = point_class(cp_id, connection, session, self.authorize, self.cfg.heartbeat_interval_s,
                             self.cfg.call_timeout_s, pacer=self.pacer)
+        session.on_link(point, version)
         session.on_connected(version, _remote(connection))
         point.arm_boot_grace(self.cfg.boot_grace_s)
         commands = asyncio.create_task(command_loop(point, session, version), name=f"ocpp-commands-{cp_id}")
@@ -240,6 +245,7 @@ class OcppCentralSystem:
         finally:
             point.disarm_boot_grace()
             commands.cancel()
+            session.on_link_closed(point)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await commands
             if self._links.get(cp_id) is connection:
@@ -277,6 +283,7 @@ class OcppCentralSystem:
                 self.started.clear()
                 for session in self.sessions.values():
                     session.on_disconnected("central system stopped")
+                    session.close()
 
 
 def _remote(connection: ServerConnection) -> str:

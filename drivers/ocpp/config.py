@@ -15,6 +15,8 @@ from pydantic import Field, model_validator
 
 from edge.config.types import AssetBase, Port, Strict, _ranged
 
+from drivers.ocpp.proxy.config import UpstreamLink
+
 Amps = Annotated[float, _ranged(0.0, 1000.0)]
 CHARGE_POINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:*+|@-]{0,47}$"
 
@@ -145,6 +147,9 @@ class OcppCharger(AssetBase):
     plan_hold_s: Annotated[float, _ranged(10.0, 3600.0)] | None = Field(
         None, description="With a plan, how long the current target holds before the plan's periods, s; "
                           "default 3 x control.cycle_s, at least 10 s. The profile is refreshed before half of it.")
+    upstream: UpstreamLink | None = Field(
+        None, description="The charger's CPO backend: the gateway forwards its OCPP messages there both ways and "
+                          "keeps the power control (local controller, docs/drivers/ocpp.md).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "OcppCharger":
@@ -224,4 +229,5 @@ class OcppCharger(AssetBase):
 def describe(asset: OcppCharger) -> str:
     """The charger, one line for `flexedge check`."""
     v2x = " (V2X)" if asset.v2x.bidirectional is True else ""
-    return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}{v2x}"
+    proxied = f", proxied to {asset.upstream.host}" if asset.upstream is not None else ""
+    return f"charge point {asset.charge_point_id}, OCPP {asset.ocpp_version}{v2x}{proxied}"

@@ -153,6 +153,22 @@ class ChargerSession(V2xSession):
         self.request_command()
         self.emit("asset_online", {"ocpp_version": ocpp_version, "remote": remote})
 
+    # Hooks of the central system for a session that does more with its links (a proxied
+    # charger, drivers.ocpp.proxy); a plain session does nothing with them.
+
+    def point_class(self, base: type) -> type:
+        """The connection class for this charger's links, given the version's."""
+        return base
+
+    def on_link(self, point: Any, version: str) -> None:
+        """A link's connection object exists (before anything is received on it)."""
+
+    def on_link_closed(self, point: Any) -> None:
+        """That link ended."""
+
+    def close(self) -> None:
+        """The central system stops or forgets the charger."""
+
     def on_disconnected(self, reason: str) -> None:
         if not self.connected:
             return

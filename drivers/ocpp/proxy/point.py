@@ -1,0 +1,83 @@
+"""A proxied charger's session and connection classes, as the central system builds them.
+
+``ProxiedSession`` is the charger's ``ChargerSession`` with its ``ChargerProxy`` (which
+outlives the links) and the reading's note; ``proxied_point_class(CentralPoint16)`` etc. put
+``ProxiedPoint`` in front of a version's connection class, so every frame from the charger
+passes the proxy first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drivers.ocpp.proxy.forward import ChargerProxy
+from drivers.ocpp.session import ChargerSession
+
+
+class ProxiedSession(ChargerSession):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        assert self.charger.upstream is not None
+        self.proxy = ChargerProxy(self, self.charger.upstream)
+        self.quiet = False  # set while the gateway reads a message the backend answers
+
+    def _fall_back(self, limit, purpose, why) -> bool:
+        # A unit fallback (W refused: A) keeps the proxied purpose, which the charger combines
+        # with the backend's profiles; a Tx purpose would not.
+        fell_back = super()._fall_back(limit, purpose, why)
+        if fell_back:
+            self.command_charger = self.proxy.commanded(self.command_charger)
+        return fell_back
+
+    def emit(self, event_type: str, detail: dict[str, Any]) -> None:
+        if self.quiet and event_type == "authorization_rejected":
+            return
+        super().emit(event_type, detail)
+
+    def point_class(self, base: type) -> type:
+        return proxied_point_class(base)
+
+    def on_link(self, point: Any, version: str) -> None:
+        point.proxy = self.proxy
+        self.proxy.attach(point, version)
+
+    def on_link_closed(self, point: Any) -> None:
+        self.proxy.detach(point)
+
+    def close(self) -> None:
+        self.proxy.close()
+
+    @property
+    def upstream(self) -> dict[str, Any]:
+        """For telemetry: {connected, queued, url_host}."""
+        return self.proxy.status()
+
+    def _detail_notes(self) -> str:
+        proxy = self.proxy
+        note = f"; proxied to {proxy.cfg.host}"
+        if not proxy.connected:
+            note += f" (backend unreachable, {len(proxy.queue)} queued)"
+        elif proxy.queue:
+            note += f" ({len(proxy.queue)} queued)"
+        return super()._detail_notes() + note
+
+
+class ProxiedPoint:
+    """Mixin before a CentralPoint class: frames go through the charger's proxy first."""
+
+    proxy: ChargerProxy
+
+    async def route_message(self, raw_msg):
+        if isinstance(raw_msg, bytes):
+            raw_msg = raw_msg.decode("utf-8", "replace")
+        if not await self.proxy.from_charger(self, raw_msg):
+            await super().route_message(raw_msg)
+
+
+_classes: dict[type, type] = {}
+
+
+def proxied_point_class(point_class: type) -> type:
+    if point_class not in _classes:
+        _classes[point_class] = type(f"Proxied{point_class.__name__}", (ProxiedPoint, point_class), {})
+    return _classes[point_class]
