@@ -60,6 +60,9 @@ class AssetReading:
     # An EV charger's session as the charger and the EV tell it (ISO 15118 through OCPP);
     # None: not a charger, or no EV.  See EvStatus.
     ev: "EvStatus | None" = None
+    # A device whose protocol traffic the gateway forwards to another system (an OCPP charger
+    # proxied to its CPO backend): the state of that link.  None: not forwarded.
+    upstream: "UpstreamStatus | None" = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,15 @@ class EvStatus:
     operation_mode: str | None = None  # the OCPP 2.1 operation mode last accepted, e.g. CentralSetpoint
     energy_charged_kwh: float = 0.0  # this session
     energy_discharged_kwh: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatus:
+    """The link to the system a device's traffic is forwarded to (an OCPP charger's CPO backend)."""
+
+    connected: bool
+    queued: int  # messages waiting for the link to come back
+    host: str  # where it goes (no credentials)
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,6 +169,10 @@ class ChargerSession(V2xSession):
     def close(self) -> None:
         """The central system stops or forgets the charger."""
 
+    def upstream_status(self) -> "UpstreamStatus | None":
+        """The link to the charger's CPO backend, if it is proxied (``AssetReading.upstream``)."""
+        return None
+
     def on_disconnected(self, reason: str) -> None:
         if not self.connected:
             return

@@ -74,6 +74,10 @@ class TelemetryMixin:
             }
             if asset.kind == "ev_charger":
                 assets_out[asset.id]["ev"] = self._ev_telemetry(asset.id, reading, now)
+            if reading.upstream is not None:
+                link = reading.upstream
+                assets_out[asset.id]["upstream"] = {"connected": link.connected, "queued": link.queued,
+                                                    "host": link.host}
             if asset.kind != "meter":
                 if reading.online and reading.p_kw is not None:
                     sum_p += reading.p_kw

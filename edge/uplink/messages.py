@@ -136,6 +136,14 @@ class EvValues(Contract):
     energy_discharged_kwh: Kw = Field(description="Discharged this session.")
 
 
+class UpstreamValues(Contract):
+    """The link of a proxied device to the system its traffic goes to (docs/drivers/ocpp.md, "Local controller")."""
+
+    connected: bool = Field(description="The link to the CPO backend is up.")
+    queued: int = Field(ge=0, description="Messages waiting for the link to come back (transactions, meter values).")
+    host: str = Field(description="The backend's host (no credentials).")
+
+
 class AssetValues(Contract):
     kind: Literal["pv", "bess", "p2h", "ev_charger", "meter"]
     online: bool
@@ -170,6 +178,9 @@ class AssetValues(Contract):
     )
     ev: EvValues | None = Field(
         None, description="EV chargers only: the session with its EV; null while no EV is plugged in.")
+    upstream: UpstreamValues | None = Field(
+        None, description="Only for a device whose traffic the gateway forwards (an OCPP charger proxied to its CPO "
+                          "backend): that link.")
 
 
 class SiteValues(Contract):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge.asset import UpstreamStatus
+
 from drivers.ocpp.proxy.forward import ChargerProxy
 from drivers.ocpp.session import ChargerSession
 
@@ -46,6 +48,10 @@ class ProxiedSession(ChargerSession):
 
     def close(self) -> None:
         self.proxy.close()
+
+    def upstream_status(self) -> UpstreamStatus:
+        proxy = self.proxy
+        return UpstreamStatus(connected=proxy.connected, queued=len(proxy.queue), host=proxy.cfg.host)
 
     @property
     def upstream(self) -> dict[str, Any]:

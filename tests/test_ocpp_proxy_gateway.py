@@ -1,0 +1,66 @@
+"""The local controller seen from the VPP: a proxied charger's telemetry says where its traffic
+goes and whether that link is up, and events tell the changes (the gateway in process, the CPO
+backend simulator, a station simulator, Mosquitto)."""
+
+from __future__ import annotations
+
+import pytest
+
+import drivers.ocpp.proxy.link as upstream_link
+from edge.config.profile import Profile
+from simulators.cpo_backend import CpoBackend
+from simulators.ocpp import EvSpec, OcppSimulator, StationSpec
+from simulators.vpp import VppSimulator
+from tests.conftest import free_port
+from tests.test_gateway import SITE, running_gateway, until
+
+
+@pytest.fixture(autouse=True)
+def quick_reconnects(monkeypatch):
+    monkeypatch.setattr(upstream_link, "RETRY_FIRST_S", 0.1)
+    monkeypatch.setattr(upstream_link, "RETRY_CAP_S", 0.4)
+
+
+def upstream_of(vpp, asset_id: str):
+    return vpp.telemetry[-1]["assets"][asset_id].get("upstream") if vpp.telemetry else None
+
+
+async def test_telemetry_and_events_show_the_upstream_link(tmp_path, mosquitto):
+    ocpp_port = free_port()
+    async with CpoBackend(id_tags={"BILLED"}) as backend:
+        profile = Profile.model_validate({
+            "site": {"id": SITE},
+            "control": {"cycle_s": 0.5},
+            "uplink": {"mqtt": {"host": "127.0.0.1", "port": mosquitto.port},
+                       "spool": {"path": str(tmp_path / "spool.sqlite"), "max_mb": 16}},
+            "ocpp": {"host": "127.0.0.1", "port": ocpp_port, "authorize": {"mode": "local_list", "id_tags": ["BILLED"]},
+                     "id_tag_salt_file": str(tmp_path / "salt")},
+            "assets": [
+                {"id": "proxied", "kind": "ev_charger", "driver": "ocpp", "charge_point_id": "CP1",
+                 "ocpp_version": "2.0.1", "upstream": {"url": backend.url, "security_profile": 1,
+                                                       "response_timeout_s": 2.0, "connect_timeout_s": 2.0}},
+                {"id": "own", "kind": "ev_charger", "driver": "ocpp", "charge_point_id": "CP2", "ocpp_version": "1.6"},
+            ],
+        })
+        specs = [StationSpec("CP1", "2.0.1", meter_interval_s=0.2), StationSpec("CP2", "1.6", meter_interval_s=0.2)]
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp, \
+                OcppSimulator(f"ws://127.0.0.1:{ocpp_port}/ocpp", specs) as sim:
+            station = sim.stations[0]
+            await station.wait_connected()
+            await until(lambda: (upstream_of(vpp, "proxied") or {}).get("connected"), 5, "the backend link up")
+            assert upstream_of(vpp, "proxied") == {"connected": True, "queued": 0, "host": "127.0.0.1"}
+            assert "upstream" not in vpp.telemetry[-1]["assets"]["own"]  # not proxied
+            assert await station.plug_in(EvSpec(id_tag="BILLED"))
+            await backend.wait_message("CP1", "TransactionEvent", timeout_s=5)
+
+            await backend.stop()  # the CPO backend goes away: charging goes on, messages wait
+            await until(lambda: upstream_of(vpp, "proxied")["connected"] is False, 5, "the link down in telemetry")
+            await until(lambda: upstream_of(vpp, "proxied")["queued"] > 0, 5, "meter values queued")
+            kinds = [e["type"] for e in vpp.events if e.get("asset_id") == "proxied"]
+            assert "upstream_connected" in kinds and "upstream_disconnected" in kinds
+            assert vpp.telemetry[-1]["assets"]["proxied"]["online"] is True
+
+            await backend.start()
+            await until(lambda: upstream_of(vpp, "proxied") == {"connected": True, "queued": 0, "host": "127.0.0.1"},
+                        10, "the queue replayed")
+            await until(lambda: [e for e in vpp.events if e["type"] == "upstream_replayed"], 5, "the replay event")
