@@ -52,6 +52,15 @@ async def test_telemetry_and_events_show_the_upstream_link(tmp_path, mosquitto):
             assert "upstream" not in vpp.telemetry[-1]["assets"]["own"]  # not proxied
             assert await station.plug_in(EvSpec(id_tag="BILLED"))
             await backend.wait_message("CP1", "TransactionEvent", timeout_s=5)
+            # The VPP curtails the site: the proxied charger gets the gateway's limit, under a purpose it
+            # combines with the backend's by minimum, while the backend bills the session.
+            await until(lambda: vpp.telemetry[-1]["site"]["band_up_kw"] > 5, 5, "the EV charging")
+            await vpp.send_setpoint(vpp.telemetry[-1]["site"]["band_up_kw"] / 2, valid_s=60)
+            record = await until(lambda: [p for p in station.profiles if p.purpose == "ChargingStationExternalConstraints"
+                                          and p.limit is not None and 6 <= p.limit < 12], 5, "the curtailment")
+            assert record[-1].stack_level == profile.assets[0].upstream.stack_level
+            await until(lambda: len(backend.meter_values("CP1")) >= 2, 5, "meter values billed upstream")
+            assert [t.id_tag for t in backend.transactions("CP1")] == ["BILLED"]
 
             await backend.stop()  # the CPO backend goes away: charging goes on, messages wait
             await until(lambda: upstream_of(vpp, "proxied")["connected"] is False, 5, "the link down in telemetry")
