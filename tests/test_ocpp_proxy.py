@@ -251,7 +251,7 @@ async def test_a_backend_id_that_looks_like_the_gateway_s_is_mapped_there_and_ba
                 await until(lambda: answers, what="the answer at the backend")
     assert answers[0][:2] == [3, "fx-7"] and answers[0][2]["status"] == "Accepted"
     triggers = [f for f in frames if f[0] == 2 and f[2] == "TriggerMessage"]
-    assert triggers and all(not f[1].startswith("fx-7") for f in triggers)
+    assert triggers and all(f[1] != "fx-7" for f in triggers)  # the gateway's own ids are fx-<uuid>
     assert any(f[1].startswith("up-") for f in triggers)
 
 
@@ -335,3 +335,38 @@ def test_a_full_queue_drops_the_oldest_meter_values_never_a_transaction():
     for n in range(20):
         queue.push(QueuedMessage(f"t{n}", "StopTransaction", {}))
     assert len(queue) == 22 and queue.dropped == 9 and queue.head() is start  # transactions kept past the bound
+
+
+async def test_a_gateway_restart_while_the_backend_is_away_loses_no_transaction(tmp_path):
+    """The charger took the gateway's answers as delivery: what was queued for the backend is on disk,
+    and the next run replays it first, in order, with the 1.6 transaction id mapped to the backend's."""
+    events = Events()
+    cfg = server_cfg(tmp_path)
+    spec = StationSpec("CP1", "1.6", meter_interval_s=0.1, reconnect_cap_s=0.2)
+    async with CpoBackend(id_tags={TAG}) as backend, OcppSimulator(url(cfg), [spec]) as sim:
+        station = sim.stations[0]
+        async with serving(cfg, [proxied(backend)], events):
+            await backend.wait_boot("CP1", timeout_s=STEP_S)
+            await events.wait("upstream_connected", "ev1")
+            await backend.stop()
+            await events.wait("upstream_disconnected", "ev1")
+            assert await station.plug_in(EvSpec(id_tag=TAG, max_power_kw=11.0))  # answered by the gateway
+            await until(lambda: station.power_w > 10000, what="charging without the backend")
+            await asyncio.sleep(0.4)
+        # The gateway is gone; the station charges on and ends the session under the next run.
+        saved = tmp_path / "ocpp-upstream" / "CP1.json"
+        await until(lambda: saved.exists() and json.loads(saved.read_text())["items"], what="the queue on disk")
+        assert json.loads(saved.read_text())["items"][0]["action"] == "StartTransaction"
+        async with serving(cfg, [proxied(backend)], events):
+            await until(lambda: station.connections >= 2 and station.connected.is_set(), what="the station back")
+            await station.unplug()
+            await backend.start()
+            await events.wait("upstream_replayed", "ev1", timeout_s=8.0)
+            await until(lambda: backend.transactions("CP1") and backend.transactions("CP1")[0].ended,
+                        what="the transaction complete at the backend")
+            [transaction] = backend.transactions("CP1")
+            actions = [m.action for m in transaction.messages]
+            assert actions[0] == "StartTransaction" and actions[-1] == "StopTransaction"
+            assert set(actions[1:-1]) <= {"MeterValues"} and len(actions) >= 4
+            assert transaction.messages[-1].payload["transactionId"] == int(transaction.transaction_id)
+            await until(lambda: json.loads(saved.read_text())["items"] == [], what="the queue on disk emptied")

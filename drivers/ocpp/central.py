@@ -129,6 +129,7 @@ class OcppCentralSystem:
         session_class = ProxiedSession if charger.upstream is not None else ChargerSession
         session = session_class(charger, emit_event or self.emit_event, self._hash_tag)
         session.pacer = self.pacer
+        session.state_dir = Path(self.cfg.id_tag_salt_file).parent
         self.sessions[charger.charge_point_id] = session
         self._by_asset[charger.id] = charger.charge_point_id
         return session

@@ -24,6 +24,7 @@ import hmac
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from edge.asset import AssetReading, CommandLog, DeviceRating, DispatchContext, EventSink, PowerPlan
@@ -82,6 +83,9 @@ class ChargerSession(V2xSession):
         self.emit_event = emit_event
         self.hash_tag = hash_tag
         self.command_log = CommandLog()  # the driver puts its own here (OcppChargerDriver.run)
+        # Where the session may keep state across restarts (the folder of the ID tag salt; the
+        # central system sets it): a proxied charger's queue for its backend.  None: nowhere.
+        self.state_dir: Path | None = None
         self.connected = False
         self.ocpp_version: str | None = None
         self.boot: dict[str, Any] = {}

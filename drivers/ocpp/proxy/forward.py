@@ -33,7 +33,7 @@ from drivers.ocpp.greeting import send_failsafe
 from drivers.ocpp.proxy.config import UpstreamLink
 from drivers.ocpp.proxy.link import UpstreamSocket
 from drivers.ocpp.proxy.local import answer_locally, read_state
-from drivers.ocpp.proxy.queue import TRANSACTION_ACTIONS, OfflineQueue, QueuedMessage
+from drivers.ocpp.proxy.queue import TRANSACTION_ACTIONS, OfflineQueue, QueueFile, QueuedMessage, queue_path
 from drivers.ocpp.proxy.rules import FORWARD, REASSERT, REFUSE, gateway_slots, judge_clear, judge_set, refusal_answer
 
 log = logging.getLogger("flexedge.drivers.ocpp.proxy")
@@ -72,6 +72,7 @@ class ChargerProxy:
         self.connected = False
         self.last_boot: dict[str, Any] | None = None  # the charger's last BootNotification payload
         self.transaction_ids: dict[int, int] = {}  # 1.6: id the gateway gave offline -> the backend's
+        self.file: QueueFile | None = None  # the queue on disk, once the folder is known (use_folder)
         self._up: dict[str, Forwarded] = {}  # charger CALLs forwarded, by unique id
         self._down: dict[str, tuple[str, str, bool, asyncio.Future]] = {}  # backend CALLs at the charger, by its id
         self._own: dict[str, asyncio.Future] = {}  # the gateway's CALLs upstream (boot and queue replay)
@@ -129,7 +130,27 @@ class ChargerProxy:
         if self._away is None:
             self._away = asyncio.get_running_loop().call_later(self.cfg.away_close_s, self.close)
 
+    def use_folder(self, folder) -> None:
+        """Keep the queue in ``folder`` across restarts; what a previous run left there is restored
+        (ahead of anything queued since) before the next replay."""
+        if self.file is None:
+            path = queue_path(folder, self.session.charger.charge_point_id)
+            self.file = QueueFile(path, self.queue, self.transaction_ids)
+            self._spawn(self._restore())
+
+    async def _restore(self) -> None:
+        restored = await self.file.restore()
+        if restored:
+            log.warning("%s: %d message(s) for the backend kept from before a restart: replayed first",
+                        self.session.charger.charge_point_id, restored)
+
+    def _persist(self) -> None:
+        if self.file is not None:
+            self.file.changed()
+
     def close(self) -> None:
+        if self.file is not None:
+            self.file.write_soon()
         if self._away is not None:
             self._away.cancel()
             self._away = None
@@ -190,6 +211,9 @@ class ChargerProxy:
 
     async def _replay(self) -> int:
         count = 0
+        if self.file is not None:
+            async with asyncio.timeout(self.cfg.response_timeout_s + 10):
+                await self.file.restored.wait()
         while self.queue:
             item = self.queue.head()
             payload = self._map_transaction(item.action, item.payload)
@@ -200,6 +224,7 @@ class ChargerProxy:
             elif item.local_transaction_id is not None and isinstance(answer.get("transactionId"), int):
                 self.transaction_ids[item.local_transaction_id] = answer["transactionId"]
             self.queue.pop_head()
+            self._persist()
             count += 1
         return count
 
@@ -313,6 +338,7 @@ class ChargerProxy:
 
     def _queue(self, message: QueuedMessage) -> None:
         dropped = self.queue.push(message)
+        self._persist()
         if self.online.is_set():  # the backend is there but missed this one (no answer in time): replay now
             self.online.clear()
             self._spawn(self._sync(send_boot=False))

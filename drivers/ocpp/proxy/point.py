@@ -40,6 +40,8 @@ class ProxiedSession(ChargerSession):
         return proxied_point_class(base)
 
     def on_link(self, point: Any, version: str) -> None:
+        if self.state_dir is not None:
+            self.proxy.use_folder(self.state_dir / "ocpp-upstream")
         point.proxy = self.proxy
         self.proxy.attach(point, version)
 
