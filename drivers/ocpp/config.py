@@ -7,7 +7,6 @@ names.  Every key is documented in docs/drivers/ocpp.md.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +15,7 @@ from pydantic import Field, model_validator
 from edge.config.types import AssetBase, Port, Strict, _ranged
 
 from drivers.ocpp.proxy.config import UpstreamLink
+from drivers.ocpp.secret import read_password
 
 Amps = Annotated[float, _ranged(0.0, 1000.0)]
 CHARGE_POINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:*+|@-]{0,47}$"
@@ -210,20 +210,7 @@ class OcppCharger(AssetBase):
         A password that is configured but cannot be had (missing or empty file, unset variable)
         raises ValueError naming the key and why: the central system then refuses the charger
         rather than let anyone in under its id."""
-        if self.password_file:
-            try:
-                lines = self.password_file.read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ValueError(f"password_file {self.password_file}: cannot read it: {error}") from None
-            if not lines or not lines[0].strip():
-                raise ValueError(f"password_file {self.password_file} is empty")
-            return lines[0]
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise ValueError(f"password_env: environment variable {self.password_env} is not set")
-            return value
-        return None
+        return read_password(self.password_file, self.password_env)
 
 
 def describe(asset: OcppCharger) -> str:

@@ -6,7 +6,6 @@ from the profile itself, and TLS to the backend always verifies its certificate.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -14,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from edge.config.types import Strict, _ranged
+
+from drivers.ocpp.secret import read_password
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:*+|@-]{0,47}$"
 
@@ -94,17 +95,4 @@ class UpstreamLink(Strict):
 
     def password(self) -> str | None:
         """The Basic auth password, read now (blocking); never logged.  ValueError names the key."""
-        if self.password_file:
-            try:
-                lines = self.password_file.read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ValueError(f"upstream.password_file {self.password_file}: cannot read it: {error}") from None
-            if not lines or not lines[0].strip():
-                raise ValueError(f"upstream.password_file {self.password_file} is empty")
-            return lines[0]
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise ValueError(f"upstream.password_env: environment variable {self.password_env} is not set")
-            return value
-        return None
+        return read_password(self.password_file, self.password_env, "upstream.")
