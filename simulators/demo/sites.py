@@ -139,7 +139,8 @@ class SimulatedSite:
             parts.append(f"{len(self.unit_specs)} IEC 104 units")
         if self.chargers:
             versions = sorted({station.ocpp_version for station, _ in self.chargers})
-            parts.append(f"{len(self.chargers)} OCPP {' and '.join(versions)} chargers with EVs")
+            named = versions[0] if len(versions) == 1 else f"{', '.join(versions[:-1])} and {versions[-1]}"
+            parts.append(f"{len(self.chargers)} OCPP {named} chargers with EVs")
         return ", ".join(parts)
 
     async def __aenter__(self) -> "SimulatedSite":
