@@ -81,6 +81,15 @@ def charger_ids(count: int) -> list[tuple[str, str, str]]:
 
 def profile_for(chargers, broker_port: int, ocpp_port: int, cycle_s: float, setpoint_interval_s: float,
                 workdir: Path) -> dict:
+    return site_profile(broker_port, ocpp_port, cycle_s, setpoint_interval_s, workdir,
+                        [{"id": asset_id, "kind": "ev_charger", "driver": "ocpp", "charge_point_id": cp_id,
+                          "ocpp_version": version} for asset_id, cp_id, version in chargers])
+
+
+def site_profile(broker_port: int, ocpp_port: int, cycle_s: float, setpoint_interval_s: float, workdir: Path,
+                 assets: list[dict], **sections) -> dict:
+    """The benches' OCPP site: a private broker, a spool in ``workdir``, the central system open to
+    every tag, and ``assets``; ``sections`` adds or replaces top-level sections (e.g. ev_charging)."""
     return {
         "site": {"id": "bench"},
         "control": {"cycle_s": cycle_s, "setpoint_timeout_s": max(10.0, 5 * setpoint_interval_s)},
@@ -89,8 +98,8 @@ def profile_for(chargers, broker_port: int, ocpp_port: int, cycle_s: float, setp
         # Security profile 1 without passwords: the bench measures the protocol, not Basic auth.
         "ocpp": {"host": "127.0.0.1", "port": ocpp_port, "security_profile": 1,
                  "authorize": {"mode": "accept_all"}, "id_tag_salt_file": str(workdir / "ocpp-id-salt")},
-        "assets": [{"id": asset_id, "kind": "ev_charger", "driver": "ocpp", "charge_point_id": cp_id,
-                    "ocpp_version": version} for asset_id, cp_id, version in chargers],
+        "assets": assets,
+        **sections,
     }
 
 

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway_bench import cpu_seconds, free_port, rss_mb, start_mosquitto, steal_s  # noqa: E402
-from bench.ocpp_bench import (EV_MAX_KW, LEVELS, READY_TIMEOUT_S, all_charging, charger_ids,  # noqa: E402
+from bench.ocpp_bench import (EV_MAX_KW, site_profile, LEVELS, READY_TIMEOUT_S, all_charging, charger_ids,  # noqa: E402
                               raise_open_files_limit, wait_for)
 from edge.runtime.health import percentile  # noqa: E402
 from simulators.vpp import VppSimulator  # noqa: E402
@@ -61,18 +61,11 @@ def die_with_parent() -> None:
 
 def profile_for(chargers, broker_port: int, ocpp_port: int, backend_url: str, cycle_s: float,
                 setpoint_interval_s: float, workdir: Path) -> dict:
-    return {
-        "site": {"id": "bench"},
-        "control": {"cycle_s": cycle_s, "setpoint_timeout_s": max(10.0, 5 * setpoint_interval_s)},
-        "uplink": {"mqtt": {"host": "127.0.0.1", "port": broker_port},
-                   "spool": {"path": str(workdir / "spool.sqlite"), "max_mb": 256}},
-        "ocpp": {"host": "127.0.0.1", "port": ocpp_port, "security_profile": 1,
-                 "authorize": {"mode": "accept_all"}, "id_tag_salt_file": str(workdir / "ocpp-id-salt")},
-        # Security profile 1 toward the backend too: the bench measures forwarding, not TLS.
-        "assets": [{"id": asset_id, "kind": "ev_charger", "driver": "ocpp", "charge_point_id": cp_id,
-                    "ocpp_version": version, "upstream": {"url": backend_url, "security_profile": 1}}
-                   for asset_id, cp_id, version in chargers],
-    }
+    # Security profile 1 toward the backend too: the bench measures forwarding, not TLS.
+    return site_profile(broker_port, ocpp_port, cycle_s, setpoint_interval_s, workdir,
+                        [{"id": asset_id, "kind": "ev_charger", "driver": "ocpp", "charge_point_id": cp_id,
+                          "ocpp_version": version, "upstream": {"url": backend_url, "security_profile": 1}}
+                         for asset_id, cp_id, version in chargers])
 
 
 def start_backend(workdir: Path, tag: str, call_interval_s: float, call_sample: int,

@@ -91,7 +91,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gateway_bench import cpu_seconds, free_port, rss_mb, start_mosquitto, steal_s  # noqa: E402
 from bench.iec104_bench import machine_busy_s, stop_process  # noqa: E402
-from bench.ocpp_bench import raise_open_files_limit, wait_for  # noqa: E402
+from bench.ocpp_bench import raise_open_files_limit, site_profile, wait_for  # noqa: E402
 from bench.site_bench import (  # noqa: E402
     TRACE_DT_S, TimedVpp, abs_error, afrr_trace, command_latencies, ready, resample, spawn, stats, write_trace)
 from simulators.vpp import TracePattern  # noqa: E402
@@ -145,17 +145,8 @@ def profile_for(chargers: list[dict], broker_port: int, ocpp_port: int, cycle_s:
                 workdir: Path) -> dict:
     # The gateway's floor for discharging (default 30 %) at the cars' own minimum.
     ev_charging = {"v2x_min_soc_pct": V2X_MIN_SOC_PCT} if any(c["group"] == "v2x" for c in chargers) else {}
-    return {
-        "site": {"id": "bench"},
-        "control": {"cycle_s": cycle_s, "setpoint_timeout_s": max(10.0, 5 * setpoint_interval_s)},
-        "uplink": {"mqtt": {"host": "127.0.0.1", "port": broker_port},
-                   "spool": {"path": str(workdir / "spool.sqlite"), "max_mb": 256}},
-        # Security profile 1 without passwords: the bench measures the protocol, not Basic auth.
-        "ocpp": {"host": "127.0.0.1", "port": ocpp_port, "security_profile": 1,
-                 "authorize": {"mode": "accept_all"}, "id_tag_salt_file": str(workdir / "ocpp-id-salt")},
-        "ev_charging": ev_charging,
-        "assets": [asset_entry(c) for c in chargers],
-    }
+    return site_profile(broker_port, ocpp_port, cycle_s, setpoint_interval_s, workdir,
+                        [asset_entry(c) for c in chargers], ev_charging=ev_charging)
 
 
 def station_entries(chargers: list[dict], seed: int, meter_interval_s: float, tick_s: float, now_s: float) -> list[dict]:

@@ -22,6 +22,7 @@ from simulators.cpo_backend import CallErrorAnswer, ChargerNotConnected, CpoBack
 from simulators.cpo_backend import records
 from simulators.ocpp import EvSpec, OcppSimulator, StationSpec
 from tests.conftest import until
+from tests.test_ocpp_driver import pki  # noqa: F401  (a fixture: the CA, server and charger certificates)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,26 +183,6 @@ async def test_malformed_frames_get_the_ocpp_error_and_the_link_survives():
             "FormatViolation", "PropertyConstraintViolation", "ProtocolError"]
         assert [(m.action, m.error_code) for m in backend.messages("RAW")][-2:] == [
             ("Reset", "NotImplemented"), ("Heartbeat", None)]
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a charger's client certificate (openssl CLI)."""
-    folder = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=cpo test CA",
-             cwd=folder)
-    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/O=cpo/CN=CP1")):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=folder)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
-    return folder
 
 
 async def test_mutual_tls_security_profile_3(pki):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -18,9 +17,9 @@ from drivers.sunspec.probe import MAX_UNIT_ID, parse_unit_range
 from edge.cli import main as flexedge
 from simulators.bess import BessSimulator, BessSpec
 from simulators.ocpp import OcppSimulator, StationSpec
-from simulators.sunspec import DeviceSpec, SunSpecSimulator
+from simulators.sunspec import DeviceSpec
 from tests.conftest import free_port
-from tests.test_sunspec_driver import pty_pair  # noqa: F401  (fixture)
+from tests.test_sunspec_driver import pty_pair, simulated  # noqa: F401  (pty_pair: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,21 +46,11 @@ def check_profile(tmp_path: Path, fragment: str) -> int:
     return flexedge(["check", str(path)])
 
 
-@contextlib.asynccontextmanager
-async def sunspec(*specs: DeviceSpec):
-    sim = SunSpecSimulator(list(specs), tick_s=0.05)
-    await asyncio.wait_for(sim.start(), 5)
-    try:
-        yield sim
-    finally:
-        await asyncio.wait_for(sim.stop(), 5)
-
-
 # ------------------------------------------------------------------ SunSpec
 
 
 async def test_sunspec_over_tcp_prints_identity_models_control_ratings_and_values(tmp_path):
-    async with sunspec(DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=8.0, unit_id=4,
+    async with simulated(DeviceSpec(kind="pv", rated_kw=10.0, sun_kw=8.0, unit_id=4,
                                   serial_number="INV-0042")) as sim:
         port = sim.devices[0].port
         status, out, err = await probe("sunspec", f"127.0.0.1:{port}", "--unit", "4", "--fragment")
@@ -82,7 +71,7 @@ async def test_sunspec_over_tcp_prints_identity_models_control_ratings_and_value
 
 async def test_sunspec_over_a_serial_line(pty_pair, tmp_path):  # noqa: F811
     device_end, probe_end = pty_pair
-    async with sunspec(DeviceSpec(kind="storage", rated_kw=5.0, serial_port=device_end, baudrate=115200, unit_id=3,
+    async with simulated(DeviceSpec(kind="storage", rated_kw=5.0, serial_port=device_end, baudrate=115200, unit_id=3,
                                   base_address=0)):
         status, out, err = await probe("sunspec", probe_end, "--baudrate", "115200", "--unit", "3", "--fragment")
     assert status == 0, err
@@ -97,7 +86,7 @@ async def test_sunspec_over_a_serial_line(pty_pair, tmp_path):  # noqa: F811
 
 async def test_a_unit_scan_finds_exactly_the_units_present():
     port = free_port()
-    async with sunspec(DeviceSpec(kind="pv", port=port, unit_id=2), DeviceSpec(kind="meter", port=port, unit_id=5)):
+    async with simulated(DeviceSpec(kind="pv", port=port, unit_id=2), DeviceSpec(kind="meter", port=port, unit_id=5)):
         status, out, err = await probe("sunspec", f"127.0.0.1:{port}", "--scan", "1-7", "--timeout-s", "0.3")
     assert status == 0, err
     found = [line.split()[1] for line in out.splitlines() if line.startswith("unit ")]
@@ -127,7 +116,7 @@ async def test_a_silent_device_is_one_clear_line():
 
 
 async def test_a_unit_without_sunspec_map_is_named():
-    async with sunspec(DeviceSpec(kind="pv", base_address=50000)) as sim:
+    async with simulated(DeviceSpec(kind="pv", base_address=50000)) as sim:
         status, _, err = await probe("sunspec", f"127.0.0.1:{sim.devices[0].port}", "--base-address", "40000",
                                      "--timeout-s", "0.5")
     assert status == 1
