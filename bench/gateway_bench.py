@@ -54,6 +54,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def pinned(cpus: set[int] | None):
+    """A preexec_fn that pins the child process to `cpus` (None: any CPU, as scheduled)."""
+    return None if not cpus else (lambda: os.sched_setaffinity(0, cpus))
+
+
 def steal_s() -> float:
     """CPU time the hypervisor took from this VM (all cores), from /proc/stat."""
     return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / CLOCK_TICKS

@@ -54,7 +54,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import CLOCK_TICKS, cpu_seconds, rss_mb, start_mosquitto, steal_s  # noqa: E402
+from bench.gateway_bench import CLOCK_TICKS, cpu_seconds, pinned, rss_mb, start_mosquitto, steal_s  # noqa: E402
 from edge.runtime.health import percentile  # noqa: E402
 from simulators.vpp import VppSimulator  # noqa: E402
 
@@ -86,11 +86,6 @@ def profile_for(units: list[dict], broker_port: int, cycle_s: float, spool: Path
             for i, unit in enumerate(units)
         ],
     }
-
-
-def pinned(cpus: set[int] | None):
-    """A preexec_fn that pins the child process to `cpus` (None: any CPU, as scheduled)."""
-    return None if not cpus else (lambda: os.sched_setaffinity(0, cpus))
 
 
 async def start_simulators(count: int, processes: int, update_s: float, max_s: float,

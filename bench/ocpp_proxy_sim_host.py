@@ -16,7 +16,8 @@ thing the receive loop does with the frame.
 Both stop on SIGTERM, or after --max-run-s at the latest, and then write --records-file:
 backend {cp_id: {"received": [[action, unique_id, received_mono]], "sent": [[action, unique_id,
 sent_mono, answered_mono | null]]}}, stations {"sent": [[cp_id, unique_id, action, mono]],
-"received": [[cp_id, unique_id, action, mono]]}.  Every time is time.monotonic(), one clock for
+"received": [[cp_id, unique_id, action, mono]], "answered": [[cp_id, unique_id, mono]]} (the
+answers to the gateway's own CALLs).  Every time is time.monotonic(), one clock for
 all processes on Linux.
 """
 
@@ -96,8 +97,9 @@ def is_call(frame: str) -> bool:
     return frame[:6].replace(" ", "").startswith("[2,")
 
 
-def time_stamp_call_frames(sent: list, received: list) -> None:
-    """Record every CALL frame of every station, each way, by unique id (wraps the classes: this process only)."""
+def time_stamp_call_frames(sent: list, received: list, answered: list) -> None:
+    """Record every CALL frame of every station, each way, by unique id, and when each station answered
+    the gateway's own CALLs (ids fx-...: the link is busy until then); wraps the classes, this process only."""
     library_send = LibraryChargePoint._send
     station_route = station_points._StrictCalls.route_message
 
@@ -107,6 +109,8 @@ def time_stamp_call_frames(sent: list, received: list) -> None:
         if is_call(message):
             frame = json.loads(message)
             sent.append([point.id, frame[1], frame[2], at])
+        elif '"fx-' in message[:16]:
+            answered.append([point.id, json.loads(message)[1], at])
 
     async def route(point, raw):
         at = time.monotonic()
@@ -133,8 +137,8 @@ async def start_staggered(url: str, specs: list[StationSpec], spread_s: float, p
 
 
 async def run_stations(args: argparse.Namespace) -> None:
-    sent, received = [], []
-    time_stamp_call_frames(sent, received)
+    sent, received, answered = [], [], []
+    time_stamp_call_frames(sent, received, answered)
     stations = json.loads(args.stations_file.read_text())
     # Physics tick 1 s, as bench/ocpp_sim_host.py: a hundred stations at 10 ticks/s would load this process.
     specs = [StationSpec(cp_id, ocpp_version=version, meter_interval_s=args.meter_interval_s, tick_s=1.0,
@@ -149,7 +153,7 @@ async def run_stations(args: argparse.Namespace) -> None:
         await until_stopped(args.max_run_s)
     finally:
         await asyncio.gather(*(sim.stop() for sim in sims), return_exceptions=True)
-    args.records_file.write_text(json.dumps({"sent": sent, "received": received}))
+    args.records_file.write_text(json.dumps({"sent": sent, "received": received, "answered": answered}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ own ``failsafe_kw``, else none.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
 from dataclasses import dataclass
 
@@ -127,9 +126,7 @@ class OcppChargerDriver(AssetDriver):
     def reading(self) -> AssetReading:
         if self.session is None:
             return AssetReading(online=False, p_min_kw=0.0, p_max_kw=0.0, detail="central system not running")
-        reading = self.session.reading()
-        upstream = self.session.upstream_status()
-        return reading if upstream is None else dataclasses.replace(reading, upstream=upstream)
+        return self.session.reading()
 
     def device_ratings(self) -> dict[str, DeviceRating]:
         """2.0.1: the EVSE's maximum power (device model EVSE Power maxLimit) as ``max_power_kw``,

@@ -395,6 +395,7 @@ class ChargerSession(V2xSession):
             detail=detail,
             read_at=self.sample_at or time.time(),
             ev=self.ev_status() if self.ev.needs is not None and can_charge else None,
+            upstream=self.upstream_status(),
         )
 
     def _detail_notes(self) -> str:

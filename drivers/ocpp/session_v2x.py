@@ -128,6 +128,7 @@ class V2xSession:
             detail=detail,
             read_at=self.sample_at or time.time(),
             ev=status,
+            upstream=self.upstream_status(),
         )
 
 

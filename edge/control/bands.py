@@ -196,8 +196,7 @@ class BandsMixin:
             p_max = p_min
         return p_min, p_max
 
-    def _band_now(self, now: float) -> tuple[float, float]:
-        readings = self.take_image()
+    def _band_now(self, readings: dict[str, AssetReading]) -> tuple[float, float]:
         bands, _ = self._bands(readings, freeze=self.state.active)
         return sum(b.up_kw for b in bands), sum(b.down_kw for b in bands)
 

@@ -220,11 +220,22 @@ class Controller(InboundMixin, BandsMixin, EvDispatchMixin, ReactiveMixin, Incap
                 self.stats.missed_cycles += missed
                 log.warning("control cycle %.0f ms late: %d cycle(s) skipped", lateness_s * 1000, missed)
             now = time.time()
-            image = self.process_image = self.take_image()
+            # Read, decide and write, report, then the bookkeeping: each waits one turn of the loop,
+            # so that the links (an OCPP frame to forward, a device's answer) are served between
+            # them rather than behind the whole cycle; each part is a few ms at 200 assets.
+            image = self.take_image()
+            work_s = time.monotonic() - started
+            await asyncio.sleep(0)
+            resumed = time.monotonic()
             self.step(now, image)
+            self.process_image = image  # as decided on (the battery rules narrow it in place)
+            work_s += time.monotonic() - resumed
+            await asyncio.sleep(0)
+            resumed = time.monotonic()
             self.last_telemetry = self.telemetry(now, image)
             self.publish("telemetry", self.last_telemetry)
-            self.stats.record(duration_s=time.monotonic() - started, lateness_s=lateness_s)
+            self.stats.record(duration_s=work_s + time.monotonic() - resumed, lateness_s=lateness_s)
+            await asyncio.sleep(0)
             self.on_cycle()
 
     def take_image(self) -> dict[str, AssetReading]:

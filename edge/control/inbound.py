@@ -22,7 +22,8 @@ class InboundMixin:
     def on_setpoint(self, raw: bytes) -> None:
         """Validate a setpoint from the uplink, ack it, and apply it at once."""
         now = time.time()
-        band_up, band_down = self._band_now(now)
+        readings = self.take_image()  # once: the band the setpoint is judged by is the one it is shared over
+        band_up, band_down = self._band_now(readings)
         try:
             setpoint = self.validator.validate(raw, now, band_up, band_down, self.state.setpoint)
         except Exception as error:  # noqa: BLE001 -- a validator bug refuses the message too, never applies it
@@ -44,7 +45,7 @@ class InboundMixin:
             "setpoint/ack",
             {"id": setpoint.id, "status": "accepted", "reason": None, "ts": iso_time(now), "activation_kw": setpoint.activation_kw},
         )
-        self.step(now)
+        self.step(now, readings)
 
     def on_schedule(self, raw: bytes) -> None:
         """Validate a schedule from the uplink, ack it, and put it in the book (docs/schedules.md).

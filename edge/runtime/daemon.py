@@ -50,6 +50,7 @@ log = logging.getLogger("flexedge.daemon")
 OUTBOX_LIMIT = 10_000  # messages waiting for the spool; beyond that telemetry is dropped (counted)
 RELEASE_GRACE_S = 1.0  # on shutdown, time given to drivers to release their devices
 RELOAD_WAIT_AT_STOP_S = 5.0  # a reload under way when the daemon stops: its bounded steps end first
+SETTLE_MAX_S = 120.0  # the site counts as settled once every asset has been online, or this long after start
 
 
 class Gateway:
@@ -80,6 +81,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()  # one reload at a time: SIGHUPs in a row wait for each other
         self._reloads: set[asyncio.Task] = set()
         self._running = False
+        self._settle_by_mono: float | None = None  # until then, the collector's second freeze waits (_settled)
         # ---- built from the profile (again on a reload)
         # One clock for the site: the control ticks, and the polls that land just before them.
         self.clock = CycleClock(profile.control.cycle_s)
@@ -276,6 +278,7 @@ class Gateway:
         # which otherwise scan it all, 45-60 ms on the loop several times a minute
         # at 500 chargers, and find nothing to free.
         gc.freeze()
+        self._settle_by_mono = time.monotonic() + SETTLE_MAX_S
         self.notifier.ready(f"site {profile.site.id}: {len(self.assets)} assets")
         self.emit_event("gateway_started", None, {"version": __version__, "assets": [a.id for a in self.assets]})
         self._running = True
@@ -427,6 +430,8 @@ class Gateway:
 
     def _after_cycle(self) -> None:
         self.notifier.watchdog()
+        if self._settle_by_mono is not None:
+            self._settled()
         self.ratings.check()  # cheap: only a driver whose ratings changed is judged
         if self.local_http is not None:
             self.local_http.after_cycle()  # defers its work to the loop's next turn
@@ -438,6 +443,17 @@ class Gateway:
             site = telemetry["site"]
             self.deie.report(site["p_kw"], site["q_kvar"], site_voltage_v)
         self._aggregate(telemetry, site_voltage_v)
+
+    def _settled(self) -> None:
+        """Once the site has settled (every asset online, its links and sessions built), freeze
+        the collector's view again: hundreds of charger links are built after the start's
+        freeze, and full passes over them are 20-40 ms on the loop, finding nothing to free.
+        Once only: what is frozen is never collected, so a freeze at every change would leak."""
+        image = self.controller.process_image if self.controller is not None else {}
+        if (image and all(reading.online for reading in image.values())) or time.monotonic() >= self._settle_by_mono:
+            self._settle_by_mono = None
+            gc.freeze()
+            log.debug("site settled: %d objects kept out of the collector's passes", gc.get_freeze_count())
 
     def _aggregate(self, telemetry: dict[str, Any], site_voltage_v: float | None) -> None:
         """Feed the cycle's telemetry to the aggregator; queue the intervals it closed (spooled by the publisher)."""

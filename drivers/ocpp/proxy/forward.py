@@ -50,18 +50,33 @@ def gateway_call_id() -> str:
     return f"fx-{uuid.uuid4()}"
 
 
+PASSED = object()  # ahead_of_turn: the frame went upstream, nothing left for the gateway
+
+
 @dataclass
 class Forwarded:
-    """A charger CALL sent upstream, waiting for the backend's answer."""
+    """A charger CALL sent upstream, waiting for the backend's answer (and for the gateway's reading)."""
 
     msg: Call
     timer: asyncio.TimerHandle | None = None
+    read: bool = True  # the gateway has read it (False: sent ahead of its turn, ``in_turn`` reads it)
+    answer: tuple[int, list] | None = None  # the backend's answer, when it came before the reading
+    local: bool = False  # the backend went silent before the reading: the gateway answers it in turn
+
+
+@dataclass
+class LocalTurn:
+    """A charger CALL the gateway answers itself in turn (unless the backend link is up by then)."""
+
+    msg: Call
+    raw: str
 
 
 class ChargerProxy:
     def __init__(self, session: Any, cfg: UpstreamLink):
         self.session = session
         self.cfg = cfg
+        self.host = cfg.host  # for every reading and telemetry: parsed once
         self.queue = OfflineQueue(cfg.queue_max_messages)
         self.point: Any = None
         self.version: str | None = None
@@ -82,7 +97,7 @@ class ChargerProxy:
     # ----------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
-        return {"connected": self.connected, "queued": len(self.queue), "url_host": self.cfg.host}
+        return {"connected": self.connected, "queued": len(self.queue), "url_host": self.host}
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -183,8 +198,7 @@ class ChargerProxy:
         for forwarded in pending:
             if forwarded.timer is not None:
                 forwarded.timer.cancel()
-        if pending:
-            self._spawn(self._answer_locally_all([f.msg for f in pending]))
+        self._give_up(pending)
         if was or not self._down_reported:
             self._down_reported = True
             url = self.socket.shown_url if self.socket else self.cfg.shown_url(self.session.charger.charge_point_id)
@@ -253,19 +267,32 @@ class ChargerProxy:
 
     # ---------------------------------------------- from the charger
 
-    async def from_charger(self, point: Any, raw: str) -> bool:
-        """Handle a frame from the charger; False: the gateway's own (an answer to its CALL)."""
+    async def ahead_of_turn(self, point: Any, raw: str) -> Any:
+        """A frame from the charger, before it waits its turn in the central system's pacer.
+
+        What the backend is to get goes at once, as it came, so that the gateway's own bursts
+        (a setpoint's profiles to every charger) add nothing to the forwarding path:
+
+        * an answer to one of the backend's CALLs: forwarded, nothing left (``PASSED``);
+        * a CALL while the backend link is up and nothing is queued: forwarded; the returned
+          ``Forwarded`` is the gateway's to read in turn (``in_turn``);
+        * a CALL the gateway must answer itself: the ``Call``, handled whole in turn.
+
+        None: not the proxy's (an answer to the gateway's own CALL, or a frame it cannot parse).
+        The charger's link hands over one frame at a time (``ahead_of_turn``, the pacer, then
+        ``in_turn``), so nothing overtakes a frame still waiting for its turn.
+        """
         try:
             frame = json.loads(raw)
         except ValueError:
-            return False
+            return None
         if not isinstance(frame, list) or len(frame) < 3 or not isinstance(frame[1], str):
-            return False
+            return None
         kind = frame[0]
         if kind in (3, 4):
             entry = self._down.get(frame[1])
             if entry is None:
-                return False  # the answer to one of the gateway's CALLs
+                return None  # the answer to one of the gateway's CALLs
             backend_id, action, reassert, future = entry
             text = raw if backend_id == frame[1] else json.dumps([kind, backend_id, *frame[2:]])
             await self._send_up(text)
@@ -273,10 +300,47 @@ class ChargerProxy:
                 future.set_result(frame)
             if reassert and kind == 3:
                 self._reassert(point)
-            return True
+            return PASSED
         if kind != 2 or len(frame) != 4 or not isinstance(frame[2], str) or not isinstance(frame[3], dict):
-            return False
+            return None
         msg = Call(unique_id=frame[1], action=frame[2], payload=frame[3])
+        if not self.online.is_set() or self.queue:
+            return LocalTurn(msg, raw)
+        return await self._forward(msg, raw)
+
+    async def _forward(self, msg: Call, raw: str) -> Forwarded | LocalTurn:
+        if msg.action == "BootNotification":
+            self.last_boot = msg.payload
+        mapped = self._map_transaction(msg.action, msg.payload)
+        text = raw if mapped is msg.payload else json.dumps([2, msg.unique_id, msg.action, mapped])
+        forwarded = Forwarded(msg, read=False)
+        self._up[msg.unique_id] = forwarded
+        if not await self._send_up(text):
+            self._up.pop(msg.unique_id, None)
+            return LocalTurn(msg, raw)
+        forwarded.timer = asyncio.get_running_loop().call_later(
+            self.cfg.response_timeout_s, self._backend_silent, msg.unique_id)
+        return forwarded
+
+    async def in_turn(self, point: Any, item: Forwarded | LocalTurn) -> None:
+        """The frame's turn: the gateway reads what went upstream, or answers it itself."""
+        if isinstance(item, Forwarded):
+            await self._read_forwarded(point, item)
+        else:
+            await self._local_turn(point, item.msg, item.raw)
+
+    async def _read_forwarded(self, point: Any, forwarded: Forwarded) -> None:
+        msg = forwarded.msg
+        if forwarded.local:  # the backend went silent before the gateway read it
+            await self._answer_locally(point, msg)
+            return
+        if not (msg.action == "StartTransaction" and self.version == "1.6"):
+            await read_state(point, self.session, msg)  # 1.6 StartTransaction: on the backend's answer (its id)
+        forwarded.read = True
+        if forwarded.answer is not None:  # the backend answered before the gateway's turn came
+            self._answered(point, msg, *forwarded.answer)
+
+    async def _local_turn(self, point: Any, msg: Call, raw: str) -> None:
         if not self.online.is_set() and self.socket is not None and not self.socket.first_attempt_done.is_set():
             # The charger's first words (its boot) are worth the wait for the first connection.
             try:
@@ -286,34 +350,29 @@ class ChargerProxy:
                         await self.online.wait()
             except TimeoutError:
                 pass
+        if self.online.is_set() and not self.queue:  # the link came up meanwhile
+            forwarded = await self._forward(msg, raw)
+            if isinstance(forwarded, Forwarded):
+                await self._read_forwarded(point, forwarded)
+                return
         if msg.action == "BootNotification":
             self.last_boot = msg.payload  # after the wait: the link's first sync must not send it too
-        if self.online.is_set() and not self.queue:
-            await self._forward(point, msg, raw)
-        else:
-            await self._answer_locally(point, msg)
-        return True
-
-    async def _forward(self, point: Any, msg: Call, raw: str) -> None:
-        mapped = self._map_transaction(msg.action, msg.payload)
-        text = raw if mapped is msg.payload else json.dumps([2, msg.unique_id, msg.action, mapped])
-        if not (msg.action == "StartTransaction" and self.version == "1.6"):
-            await read_state(point, self.session, msg)  # 1.6 StartTransaction: on the backend's answer (its id)
-        forwarded = Forwarded(msg)
-        self._up[msg.unique_id] = forwarded
-        if not await self._send_up(text):
-            self._up.pop(msg.unique_id, None)
-            await self._answer_locally(point, msg, state_read=True)
-            return
-        forwarded.timer = asyncio.get_running_loop().call_later(
-            self.cfg.response_timeout_s, self._backend_silent, msg.unique_id)
+        await self._answer_locally(point, msg)
 
     def _backend_silent(self, unique_id: str) -> None:
         forwarded = self._up.pop(unique_id, None)
         if forwarded is not None:
             log.warning("%s: no answer from the backend to %s within %g s: answered by the gateway",
                         self.session.charger.charge_point_id, forwarded.msg.action, self.cfg.response_timeout_s)
-            self._spawn(self._answer_locally_all([forwarded.msg]))
+            self._give_up([forwarded])
+
+    def _give_up(self, forwarded: list[Forwarded]) -> None:
+        """The backend will not answer these: the gateway does, those it has not read yet in their turn."""
+        read = [f.msg for f in forwarded if f.read]
+        for item in forwarded:
+            item.local = not item.read
+        if read:
+            self._spawn(self._answer_locally_all(read))
 
     async def _answer_locally_all(self, messages: list[Call]) -> None:
         for msg in messages:
@@ -382,7 +441,13 @@ class ChargerProxy:
         if point is None:
             return
         await point._send(raw)
-        msg = forwarded.msg
+        if forwarded.read:
+            self._answered(point, forwarded.msg, kind, frame)
+        else:
+            forwarded.answer = (kind, frame)
+
+    def _answered(self, point: Any, msg: Call, kind: int, frame: list) -> None:
+        """What the gateway learns from the backend's answer, once it has read the CALL itself."""
         payload = frame[2] if kind == 3 and isinstance(frame[2], dict) else {}
         if msg.action == "BootNotification":
             point.boot_status = payload.get("status") if kind == 3 else None

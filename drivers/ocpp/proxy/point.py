@@ -12,7 +12,8 @@ from typing import Any
 
 from edge.asset import UpstreamStatus
 
-from drivers.ocpp.proxy.forward import ChargerProxy
+from drivers.ocpp.pacing import message_priority
+from drivers.ocpp.proxy.forward import PASSED, ChargerProxy
 from drivers.ocpp.session import ChargerSession
 
 
@@ -53,7 +54,7 @@ class ProxiedSession(ChargerSession):
 
     def upstream_status(self) -> UpstreamStatus:
         proxy = self.proxy
-        return UpstreamStatus(connected=proxy.connected, queued=len(proxy.queue), host=proxy.cfg.host)
+        return UpstreamStatus(connected=proxy.connected, queued=len(proxy.queue), host=proxy.host)
 
     @property
     def upstream(self) -> dict[str, Any]:
@@ -62,7 +63,7 @@ class ProxiedSession(ChargerSession):
 
     def _detail_notes(self) -> str:
         proxy = self.proxy
-        note = f"; proxied to {proxy.cfg.host}"
+        note = f"; proxied to {proxy.host}"
         if not proxy.connected:
             note += f" (backend unreachable, {len(proxy.queue)} queued)"
         elif proxy.queue:
@@ -71,15 +72,32 @@ class ProxiedSession(ChargerSession):
 
 
 class ProxiedPoint:
-    """Mixin before a CentralPoint class: frames go through the charger's proxy first."""
+    """Mixin before a CentralPoint class: frames go through the charger's proxy first.
+
+    The receive loop of ``PrebuiltCalls.start`` with the proxy around the pacer's turn: what
+    goes upstream unchanged is sent before the turn (``ChargerProxy.ahead_of_turn``), so the
+    forwarding path never queues behind the gateway's own bursts; the gateway's reading of
+    it, and everything else, waits for the turn as on any link.
+    """
 
     proxy: ChargerProxy
 
-    async def route_message(self, raw_msg):
-        if isinstance(raw_msg, bytes):
-            raw_msg = raw_msg.decode("utf-8", "replace")
-        if not await self.proxy.from_charger(self, raw_msg):
-            await super().route_message(raw_msg)
+    async def start(self) -> None:
+        recv, pacer, proxy = self._connection.recv, self.pacer, self.proxy
+        while True:
+            raw = await recv()
+            if isinstance(raw, bytes):
+                raw = raw.decode("utf-8", "replace")
+            self.logger.info("%s: receive message %s", self.id, raw)
+            item = await proxy.ahead_of_turn(self, raw)
+            if item is PASSED:
+                continue
+            if pacer is not None:
+                await pacer.take(message_priority(raw))
+            if item is None:
+                await self.route_message(raw)
+            else:
+                await proxy.in_turn(self, item)
 
 
 _classes: dict[type, type] = {}
