@@ -81,8 +81,9 @@ def hops(path: Path, gateway_port: int, backend_port: int, window: tuple[float, 
     {"charger_to_backend": [(s, arrived)], "backend_to_charger": [(s, arrived, behind)], "unmatched": n},
     ``arrived`` the epoch time the CALL reached the gateway.
 
-    ``behind``: the backend's CALL reached the gateway while a CALL of the gateway's own was
-    unanswered on that charger's link, so OCPP's one CALL at a time held it until the answer."""
+    ``behind``: a CALL of the gateway's own was unanswered on that charger's link while the backend's
+    waited in the gateway (sent before the backend's went on, answered after it came), so OCPP's one
+    CALL at a time held the backend's until the charger answered."""
     inbound, outbound, own = {}, {}, {}
     for at, stream, source, destination, text in _frames(path, (gateway_port, backend_port)):
         try:
@@ -120,7 +121,7 @@ def hops(path: Path, gateway_port: int, backend_port: int, window: tuple[float, 
         if key[0] == "up":
             result["charger_to_backend"].append((left - arrived, arrived))
         else:
-            behind = any(sent < arrived and (answered is None or answered > arrived)
+            behind = any(sent < left and (answered is None or answered > arrived)
                          for sent, answered in own.get(charger_stream, {}).values())
             result["backend_to_charger"].append((left - arrived, arrived, behind))
     return result

@@ -46,6 +46,10 @@ class DriverSpec:
     # driver's assets is created, when the profile has one.
     site_model: type | None = None
     prepare_site: Callable[[Any], None] | None = None
+    # Keys an asset of this driver takes from the driver's site section (the profile's key of
+    # the driver's name) when it does not give them itself: (section as written) -> {key: value}.
+    # Only what is valid on its own: the section's own check reports the rest.
+    asset_defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # What is wrong between the profile's assets of this driver taken together (assets
     # sharing a field link that cannot share it): (key path, message) for each problem.
     check_assets: Callable[[list[Any]], list[tuple[tuple[Any, ...], str]]] | None = None
@@ -97,6 +101,23 @@ def prepare_site(profile: Any) -> None:
 def create_driver(asset: Any, cycle_s: float, emit_event: EventSink, *, clock: Any = None) -> AssetDriver:
     """``clock`` is the site's cycle clock: a polled driver reads its device just before each tick."""
     return drivers()[asset.driver].create(asset, cycle_s, emit_event, clock=clock)
+
+
+def with_site_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """The profile document with each asset given its driver's site defaults (``asset_defaults``)
+    for the keys it does not have; a key it gives, even as null, is its own."""
+    assets = data.get("assets")
+    if not isinstance(assets, list):
+        return data
+    for name, spec in drivers().items():
+        section = data.get(name)
+        if spec.asset_defaults is None or not isinstance(section, dict):
+            continue
+        defaults = spec.asset_defaults(section)
+        if defaults:
+            assets = [{**defaults, **asset} if isinstance(asset, dict) and asset.get("driver") == name else asset
+                      for asset in assets]
+    return {**data, "assets": assets}
 
 
 def asset_problems(assets: list[Any]) -> list[tuple[tuple[Any, ...], str]]:

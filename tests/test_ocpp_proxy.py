@@ -13,6 +13,7 @@ import json
 import pytest
 
 import drivers.ocpp.proxy.link as upstream_link
+from drivers.ocpp.pacing import REQUEST, LoopPacer
 from drivers.ocpp.proxy.queue import OfflineQueue, QueuedMessage
 from drivers.ocpp.proxy.rules import FORWARD, REASSERT, REFUSE, Slot, judge_clear, judge_set
 from simulators.cpo_backend import CallErrorAnswer, CpoBackend
@@ -123,6 +124,38 @@ async def test_backend_authorizes_and_bills_while_the_gateway_holds_the_grid_lim
     actions = {m.action for m in backend.messages("CP1")}
     assert not actions & {"SetChargingProfile", "TriggerMessage", "GetReport"}
     assert all(not m.unique_id.startswith("fx-") for m in backend.messages("CP1") if m.action != "BootNotification")
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
+async def test_the_backend_answers_before_the_gateway_has_read_the_call(tmp_path, monkeypatch, version):
+    """The gateway's turns come late (its pacer busy with a setpoint's burst, here 0.2 s per CALL):
+    the charger's CALLs go upstream at once and the backend's answers reach the charger first; what the
+    gateway learns from an answer (its boot gate, a 1.6 transaction id) waits for its own reading."""
+    original = LoopPacer.take
+
+    async def late_turn(self, priority=REQUEST):
+        if priority == REQUEST:
+            await asyncio.sleep(0.2)
+        await original(self, priority)
+    monkeypatch.setattr(LoopPacer, "take", late_turn)
+    events = Events()
+    async with CpoBackend(id_tags={BACKEND_TAG}) as backend:
+        async with site(tmp_path, [proxied(backend)], backend, events) as (cfg, drivers):
+            driver = drivers["ev1"]
+            async with OcppSimulator(url(cfg), [StationSpec("CP1", version, meter_interval_s=1.0)]) as sim:
+                station = sim.stations[0]
+                boot = await backend.wait_boot("CP1", timeout_s=STEP_S)
+                assert boot.status == "Accepted"
+                await station.wait_connected()
+                assert await station.plug_in(EvSpec(id_tag=BACKEND_TAG))
+                started = await events.wait("session_started", "ev1")
+                transaction = (await _until_value(lambda: backend.transactions("CP1")))[0]
+                assert started["transaction_id"] == station.transaction_id == transaction.transaction_id
+                assert len(events.of("session_started")) == 1 and not events.of("authorization_rejected")
+                driver.set_target_kw(-7.0)  # the boot gate opened after the gateway read the boot
+                record = await station.next_profile(timeout_s=STEP_S)
+                assert (record.purpose, record.limit) == (GATEWAY_PURPOSE[version], 10.1)
+                await until(lambda: len(backend.meter_values("CP1", "Power.Active.Import")) >= 1, what="billing")
 
 
 async def _until_value(get, timeout_s=STEP_S):

@@ -5,6 +5,7 @@ backend simulator, a station simulator, Mosquitto)."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 import drivers.ocpp.proxy.link as upstream_link
 from edge.config.profile import Profile
@@ -73,3 +74,53 @@ async def test_telemetry_and_events_show_the_upstream_link(tmp_path, mosquitto):
             await until(lambda: upstream_of(vpp, "proxied") == {"connected": True, "queued": 0, "host": "127.0.0.1"},
                         10, "the queue replayed")
             await until(lambda: [e for e in vpp.events if e["type"] == "upstream_replayed"], 5, "the replay event")
+
+
+async def test_a_site_upstream_proxies_every_charger_without_its_own(tmp_path, mosquitto):
+    """ocpp.upstream: CP1 (no upstream key) goes to the site's backend under its own id, CP2
+    (upstream: null) to none, CP3 (its own upstream) to its own backend only."""
+    ocpp_port = free_port()
+    async with CpoBackend() as site_backend, CpoBackend() as own_backend:
+        profile = Profile.model_validate({
+            "site": {"id": SITE},
+            "control": {"cycle_s": 0.5},
+            "uplink": {"mqtt": {"host": "127.0.0.1", "port": mosquitto.port},
+                       "spool": {"path": str(tmp_path / "spool.sqlite"), "max_mb": 16}},
+            "ocpp": {"host": "127.0.0.1", "port": ocpp_port, "id_tag_salt_file": str(tmp_path / "salt"),
+                     "upstream": {"url": site_backend.url, "security_profile": 1}},
+            "assets": [
+                {"id": "inherits", "kind": "ev_charger", "driver": "ocpp", "charge_point_id": "CP1"},
+                {"id": "kept_off", "kind": "ev_charger", "driver": "ocpp", "charge_point_id": "CP2", "upstream": None},
+                {"id": "own", "kind": "ev_charger", "driver": "ocpp", "charge_point_id": "CP3",
+                 "upstream": {"url": own_backend.url, "security_profile": 1, "charge_point_id": "CPO-3"}},
+            ],
+        })
+        specs = [StationSpec(cp, "1.6", meter_interval_s=0.2) for cp in ("CP1", "CP2", "CP3")]
+        async with running_gateway(profile), VppSimulator("127.0.0.1", mosquitto.port, "flexedge", SITE) as vpp, \
+                OcppSimulator(f"ws://127.0.0.1:{ocpp_port}/ocpp", specs):
+            await site_backend.wait_message("CP1", "BootNotification", timeout_s=5)
+            await own_backend.wait_message("CPO-3", "BootNotification", timeout_s=5)
+            await until(lambda: (upstream_of(vpp, "inherits") or {}).get("connected")
+                        and (upstream_of(vpp, "own") or {}).get("connected"), 5, "both backend links up")
+            await until(lambda: vpp.telemetry[-1]["assets"]["kept_off"]["online"], 5, "CP2 connected")
+            assert upstream_of(vpp, "kept_off") is None
+            assert not site_backend.messages("CP2") and not site_backend.messages("CP3")
+            assert not own_backend.messages("CP1") and not own_backend.messages("CP2")
+
+
+@pytest.mark.parametrize("upstream, key, words", [
+    ({"url": "ws://cpo.example/ocpp", "security_profile": 1, "charge_point_id": "X"},
+     "ocpp.upstream.charge_point_id", "its own"),
+    ({"url": "http://cpo.example/ocpp", "security_profile": 1}, "ocpp.upstream.url", "ws://host"),
+])
+def test_a_wrong_site_upstream_is_named_once_at_its_own_key(tmp_path, upstream, key, words):
+    from edge.config.profile import read_profile
+
+    doc = {"site": {"id": SITE}, "ocpp": {"port": 9000, "upstream": upstream},
+           "assets": [{"id": f"ev{n}", "kind": "ev_charger", "driver": "ocpp", "charge_point_id": f"CP{n}"}
+                      for n in range(3)]}
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    errors = [p for p in read_profile(path).problems if not p.is_warning]
+    assert [p.path for p in errors] == [key], errors  # not once more at every charger that inherits it
+    assert words in errors[0].message

@@ -75,7 +75,7 @@ from typing import Any
 
 from edge.asset import EventSink
 
-from drivers.ocpp.config import OcppCharger, OcppServer, describe
+from drivers.ocpp.config import OcppCharger, OcppServer, describe, site_upstream
 from drivers.ocpp.limits import ChargeLimit, limit_for_target, needs_sending
 from drivers.registry import DriverSpec
 
@@ -120,4 +120,5 @@ def prepare_site(profile: Any) -> None:
 
 
 DRIVER = DriverSpec(name="ocpp", asset_model=OcppCharger, create=create, describe=describe,
-                    site_model=OcppServer, prepare_site=prepare_site, probe="drivers.ocpp.probe")
+                    site_model=OcppServer, prepare_site=prepare_site, asset_defaults=site_upstream,
+                    probe="drivers.ocpp.probe")

@@ -70,9 +70,16 @@ class OcppServer(Strict):
         5.0, description="Nothing is sent to a charger before its BootNotification is answered; one that "
                          "sends none within this time of connecting is taken as already booted."
     )
+    upstream: UpstreamLink | None = Field(
+        None, description="The site's CPO backend: every charger without an `upstream` of its own is proxied "
+                          "there (local controller, docs/drivers/ocpp.md), under its own charge point id; "
+                          "`upstream: null` on a charger keeps it off.")
 
     @model_validator(mode="after")
     def _tls_files(self) -> "OcppServer":
+        if self.upstream is not None and self.upstream.charge_point_id is not None:
+            raise ValueError("upstream.charge_point_id: a charger's identity at the backend is its own; give it in "
+                             "that charger's upstream, not the site's")
         if not self.path.startswith("/") or self.path.endswith("/") and self.path != "/":
             raise ValueError(f"path must start with '/' and not end with '/', got {self.path!r}")
         if self.security_profile >= 2 and (self.cert_file is None or self.key_file is None):
@@ -211,6 +218,18 @@ class OcppCharger(AssetBase):
         raises ValueError naming the key and why: the central system then refuses the charger
         rather than let anyone in under its id."""
         return read_password(self.password_file, self.password_env)
+
+
+def site_upstream(section: dict) -> dict:
+    """``ocpp.upstream`` as every charger's default ``upstream`` (``DriverSpec.asset_defaults``), when valid."""
+    upstream = section.get("upstream")
+    if not isinstance(upstream, dict):
+        return {}
+    try:
+        link = UpstreamLink.model_validate(upstream)
+    except ValueError:  # pydantic's ValidationError: reported at ocpp.upstream by the section's own check
+        return {}
+    return {} if link.charge_point_id is not None else {"upstream": upstream}
 
 
 def describe(asset: OcppCharger) -> str:

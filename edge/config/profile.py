@@ -244,6 +244,12 @@ class Profile(Strict):
     )
     assets: list[Asset] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _site_defaults(cls, data: Any) -> Any:
+        # e.g. ocpp.upstream: every charger without an upstream of its own is proxied to the site's backend
+        return registry.with_site_defaults(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> "Profile":
         if info.context and info.context.get(_CHECKED_APART):

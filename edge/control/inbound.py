@@ -19,8 +19,12 @@ SCHEDULE_ON_LOOP_BYTES = 64 * 1024  # larger schedules are structure-checked in 
 
 
 class InboundMixin:
-    def on_setpoint(self, raw: bytes) -> None:
-        """Validate a setpoint from the uplink, ack it, and apply it at once."""
+    def on_setpoint(self, raw: bytes, *, apply_soon: bool = False) -> None:
+        """Validate a setpoint from the uplink, ack it, and apply it at once.
+
+        ``apply_soon`` (the daemon): on the loop's next turn, with the same readings.  Judging the
+        setpoint and sharing it are a few ms each at hundreds of assets; the links (an OCPP frame
+        to forward) are served between them rather than behind both."""
         now = time.time()
         readings = self.take_image()  # once: the band the setpoint is judged by is the one it is shared over
         band_up, band_down = self._band_now(readings)
@@ -45,7 +49,14 @@ class InboundMixin:
             "setpoint/ack",
             {"id": setpoint.id, "status": "accepted", "reason": None, "ts": iso_time(now), "activation_kw": setpoint.activation_kw},
         )
-        self.step(now, readings)
+        if apply_soon:
+            asyncio.get_running_loop().call_soon(self._apply_setpoint, now, readings)
+        else:
+            self.step(now, readings)
+
+    def _apply_setpoint(self, now: float, readings: dict) -> None:
+        if not self._stopped:  # a stop in between: nothing is commanded any more
+            self.step(now, readings)
 
     def on_schedule(self, raw: bytes) -> None:
         """Validate a schedule from the uplink, ack it, and put it in the book (docs/schedules.md).

@@ -119,7 +119,7 @@ class Gateway:
 
     def _on_setpoint(self, raw: bytes) -> None:
         if self.controller is not None:
-            self.controller.on_setpoint(raw)
+            self.controller.on_setpoint(raw, apply_soon=True)
 
     def _on_schedule(self, raw: bytes) -> None:
         if self.controller is not None:
