@@ -276,7 +276,7 @@ class ChargerProxy:
         * an answer to one of the backend's CALLs: forwarded, nothing left (``PASSED``);
         * a CALL while the backend link is up and nothing is queued: forwarded; the returned
           ``Forwarded`` is the gateway's to read in turn (``in_turn``);
-        * a CALL the gateway must answer itself: the ``Call``, handled whole in turn.
+        * a CALL the gateway must answer itself: a ``LocalTurn``, handled whole in turn.
 
         None: not the proxy's (an answer to the gateway's own CALL, or a frame it cannot parse).
         The charger's link hands over one frame at a time (``ahead_of_turn``, the pacer, then
