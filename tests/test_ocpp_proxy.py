@@ -55,71 +55,77 @@ async def site(tmp_path, chargers, backend, events):
         yield cfg, drivers
 
 
+@contextlib.asynccontextmanager
+async def one_station(tmp_path, version, meter_interval_s):
+    """A backend that knows BACKEND_TAG, the gateway proxying ev1/CP1 to it, the station booted there:
+    (backend, events, driver, station)."""
+    events = Events()
+    async with CpoBackend(id_tags={BACKEND_TAG}) as backend:
+        async with site(tmp_path, [proxied(backend)], backend, events) as (cfg, drivers):
+            async with OcppSimulator(url(cfg), [StationSpec("CP1", version, meter_interval_s=meter_interval_s)]) as sim:
+                boot = await backend.wait_boot("CP1", timeout_s=STEP_S)
+                assert boot.ocpp_version == version and boot.status == "Accepted"
+                yield backend, events, drivers["ev1"], sim.stations[0]
+
+
 # ------------------------------------------------------------------ on the wire
 
 
 @pytest.mark.parametrize("version", ["1.6", "2.0.1"])
 async def test_backend_authorizes_and_bills_while_the_gateway_holds_the_grid_limit(tmp_path, version):
-    events = Events()
-    async with CpoBackend(id_tags={BACKEND_TAG}) as backend:
-        async with site(tmp_path, [proxied(backend)], backend, events) as (cfg, drivers):
-            driver = drivers["ev1"]
-            async with OcppSimulator(url(cfg), [StationSpec("CP1", version, meter_interval_s=0.1)]) as sim:
-                station = sim.stations[0]
-                boot = await backend.wait_boot("CP1", timeout_s=STEP_S)
-                assert boot.ocpp_version == version and boot.status == "Accepted"
-                await events.wait("upstream_connected", "ev1")
-                await station.wait_connected()
-                frames: list = []
-                record_frames(station, frames)
-                ids = iter(range(1000))
-                station._point._unique_id_generator = lambda: f"station-{next(ids)}"
+    async with one_station(tmp_path, version, meter_interval_s=0.1) as (backend, events, driver, station):
+        await events.wait("upstream_connected", "ev1")
+        await station.wait_connected()
+        frames: list = []
+        record_frames(station, frames)
+        ids = iter(range(1000))
+        station._point._unique_id_generator = lambda: f"station-{next(ids)}"
 
-                # Authorized by the backend (the gateway's own list does not know the tag).
-                assert await station.plug_in(EvSpec(id_tag=BACKEND_TAG, max_power_kw=22.0))
-                started = await events.wait("session_started", "ev1")
-                assert not events.of("authorization_rejected")
-                transaction = (await _until_value(lambda: backend.transactions("CP1")))[0]
-                assert transaction.status == "Accepted" and transaction.id_tag == BACKEND_TAG
-                assert started["transaction_id"] == station.transaction_id == transaction.transaction_id
-                # The charger's ids arrive at the backend unchanged.
-                assert backend.messages("CP1", "Authorize")[-1].unique_id.startswith("station-")
+        # Authorized by the backend (the gateway's own list does not know the tag).
+        assert await station.plug_in(EvSpec(id_tag=BACKEND_TAG, max_power_kw=22.0))
+        started = await events.wait("session_started", "ev1")
+        assert not events.of("authorization_rejected")
+        transaction = (await _until_value(lambda: backend.transactions("CP1")))[0]
+        assert transaction.status == "Accepted" and transaction.id_tag == BACKEND_TAG
+        assert started["transaction_id"] == station.transaction_id == transaction.transaction_id
+        # The charger's ids arrive at the backend unchanged.
+        assert backend.messages("CP1", "Authorize")[-1].unique_id.startswith("station-")
 
-                driver.set_target_kw(-7.0)  # 10.1 A
-                record = await station.next_profile(timeout_s=STEP_S)
-                assert (record.purpose, record.stack_level, record.limit) == (GATEWAY_PURPOSE[version], 8, 10.1)
-                await until(lambda: abs(station.power_w - 10.1 * 690) < 1, what="the gateway's limit")
-                await until(lambda: len(backend.meter_values("CP1", "Power.Active.Import")) >= 2, what="billing")
-                assert "proxied to 127.0.0.1" in driver.reading().detail
+        driver.set_target_kw(-7.0)  # 10.1 A
+        record = await station.next_profile(timeout_s=STEP_S)
+        assert (record.purpose, record.stack_level, record.limit) == (GATEWAY_PURPOSE[version], 8, 10.1)
+        await until(lambda: abs(station.power_w - 10.1 * 690) < 1, what="the gateway's limit")
+        await until(lambda: len(backend.meter_values("CP1", "Power.Active.Import")) >= 2, what="billing")
+        assert "proxied to 127.0.0.1" in driver.reading().detail
 
-                # A higher limit from the backend is forwarded and applied, but the gateway's caps it.
-                answer = await backend.set_charging_profile("CP1", 32, unit="A", stack_level=0)
-                assert answer["status"] == "Accepted"
-                assert station.profiles[-1].limit == 32 and station.profiles[-1].purpose == "TxDefaultProfile"
-                cpo_id = backend.sent("CP1")[-1].unique_id
-                assert [f for f in frames if f[0] == 2 and f[1] == cpo_id]  # the backend's id, unchanged
-                await asyncio.sleep(0.3)
-                assert station.limit_w() == pytest.approx(10.1 * 690) and station.power_w == pytest.approx(10.1 * 690)
+        # A higher limit from the backend is forwarded and applied, but the gateway's caps it.
+        answer = await backend.set_charging_profile("CP1", 32, unit="A", stack_level=0)
+        assert answer["status"] == "Accepted"
+        assert station.profiles[-1].limit == 32 and station.profiles[-1].purpose == "TxDefaultProfile"
+        cpo_id = backend.sent("CP1")[-1].unique_id
+        assert [f for f in frames if f[0] == 2 and f[1] == cpo_id]  # the backend's id, unchanged
+        await asyncio.sleep(0.3)
+        assert station.limit_w() == pytest.approx(10.1 * 690) and station.power_w == pytest.approx(10.1 * 690)
 
-                # The gateway's slot is not the backend's to take, nor to clear.
-                count = len(station.profiles)
-                answer = await backend.set_charging_profile("CP1", 32, purpose=GATEWAY_PURPOSE[version], stack_level=9,
-                                                            evse_or_connector=0 if version == "1.6" else 1)
-                assert answer["status"] == "Rejected" and len(station.profiles) == count
-                answer = await backend.clear_charging_profile("CP1", purpose=GATEWAY_PURPOSE[version])
-                assert answer["status"] == "Unknown"
-                answer = await backend.clear_charging_profile("CP1", profile_id=1)
-                assert answer["status"] == "Unknown"
-                assert GATEWAY_PURPOSE[version] in station.limits
-                # A clear of everything is forwarded; the gateway's limit is back at once.
-                answer = await backend.clear_charging_profile("CP1")
-                assert answer["status"] == "Accepted"
-                await until(lambda: GATEWAY_PURPOSE[version] in station.limits, what="the limit sent again")
-                assert station.limit_w() == pytest.approx(10.1 * 690)
+        # The gateway's slot is not the backend's to take, nor to clear.
+        count = len(station.profiles)
+        answer = await backend.set_charging_profile("CP1", 32, purpose=GATEWAY_PURPOSE[version], stack_level=9,
+                                                    evse_or_connector=0 if version == "1.6" else 1)
+        assert answer["status"] == "Rejected" and len(station.profiles) == count
+        answer = await backend.clear_charging_profile("CP1", purpose=GATEWAY_PURPOSE[version])
+        assert answer["status"] == "Unknown"
+        answer = await backend.clear_charging_profile("CP1", profile_id=1)
+        assert answer["status"] == "Unknown"
+        assert GATEWAY_PURPOSE[version] in station.limits
+        # A clear of everything is forwarded; the gateway's limit is back at once.
+        answer = await backend.clear_charging_profile("CP1")
+        assert answer["status"] == "Accepted"
+        await until(lambda: GATEWAY_PURPOSE[version] in station.limits, what="the limit sent again")
+        assert station.limit_w() == pytest.approx(10.1 * 690)
 
-                await station.unplug()
-                await events.wait("session_stopped", "ev1")
-                await until(lambda: backend.transactions("CP1")[0].ended, what="the stop at the backend")
+        await station.unplug()
+        await events.wait("session_stopped", "ev1")
+        await until(lambda: backend.transactions("CP1")[0].ended, what="the stop at the backend")
     # The gateway's own requests (TriggerMessage, its profiles) and their answers stay local.
     actions = {m.action for m in backend.messages("CP1")}
     assert not actions & {"SetChargingProfile", "TriggerMessage", "GetReport"}
@@ -138,24 +144,17 @@ async def test_the_backend_answers_before_the_gateway_has_read_the_call(tmp_path
             await asyncio.sleep(0.2)
         await original(self, priority)
     monkeypatch.setattr(LoopPacer, "take", late_turn)
-    events = Events()
-    async with CpoBackend(id_tags={BACKEND_TAG}) as backend:
-        async with site(tmp_path, [proxied(backend)], backend, events) as (cfg, drivers):
-            driver = drivers["ev1"]
-            async with OcppSimulator(url(cfg), [StationSpec("CP1", version, meter_interval_s=1.0)]) as sim:
-                station = sim.stations[0]
-                boot = await backend.wait_boot("CP1", timeout_s=STEP_S)
-                assert boot.status == "Accepted"
-                await station.wait_connected()
-                assert await station.plug_in(EvSpec(id_tag=BACKEND_TAG))
-                started = await events.wait("session_started", "ev1")
-                transaction = (await _until_value(lambda: backend.transactions("CP1")))[0]
-                assert started["transaction_id"] == station.transaction_id == transaction.transaction_id
-                assert len(events.of("session_started")) == 1 and not events.of("authorization_rejected")
-                driver.set_target_kw(-7.0)  # the boot gate opened after the gateway read the boot
-                record = await station.next_profile(timeout_s=STEP_S)
-                assert (record.purpose, record.limit) == (GATEWAY_PURPOSE[version], 10.1)
-                await until(lambda: len(backend.meter_values("CP1", "Power.Active.Import")) >= 1, what="billing")
+    async with one_station(tmp_path, version, meter_interval_s=1.0) as (backend, events, driver, station):
+        await station.wait_connected()
+        assert await station.plug_in(EvSpec(id_tag=BACKEND_TAG))
+        started = await events.wait("session_started", "ev1")
+        transaction = (await _until_value(lambda: backend.transactions("CP1")))[0]
+        assert started["transaction_id"] == station.transaction_id == transaction.transaction_id
+        assert len(events.of("session_started")) == 1 and not events.of("authorization_rejected")
+        driver.set_target_kw(-7.0)  # the boot gate opened after the gateway read the boot
+        record = await station.next_profile(timeout_s=STEP_S)
+        assert (record.purpose, record.limit) == (GATEWAY_PURPOSE[version], 10.1)
+        await until(lambda: len(backend.meter_values("CP1", "Power.Active.Import")) >= 1, what="billing")
 
 
 async def _until_value(get, timeout_s=STEP_S):
