@@ -1,6 +1,6 @@
 """Benchmark: the gateway as OCPP local controller of N chargers proxied to a CPO backend (issue #14).
 
-    python bench/ocpp_proxy_bench.py --chargers 200 --duration-s 60 [--json]
+    python bench/ocpp_proxy_bench.py --chargers 200 --duration-s 60 [--gateway-cpus 0 --sim-cpus 1] [--json]
 
 Processes, as on a site: the CPO backend (simulators.cpo_backend, in bench/ocpp_proxy_sim_host.py
 backend), the gateway (`flexedge run` on a generated profile: N `driver: ocpp` chargers, half
@@ -16,7 +16,10 @@ receive time of each CALL minus the station's send time (matched by unique id, w
 keeps); backend -> charger, the station's receive time of each backend CALL minus the backend's
 send time.  The same is measured in a second, shorter run with the stations connected straight
 to the backend (no gateway): the latency the gateway adds is the difference of the two
-distributions (p50, p99, max).  Also the gateway's CPU (% of one core), RSS, the loop lag and
+distributions (p50, p99, max).  With tshark installed (unless --no-capture), the time each CALL
+spends in the gateway is also read off the wire (bench/wire_hops.py): the gateway alone, without
+the simulators' own scheduling on a shared CPU.  --gateway-cpus / --sim-cpus pin the gateway and the
+simulators (with this process) to CPUs of their own.  Also the gateway's CPU (% of one core), RSS, the loop lag and
 cycle figures from its telemetry, and the messages it forwarded per second.  Loopback only;
 every wait has a deadline; the children stop on their own (--max-run-s, the daemon on this
 process's death).
