@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -121,6 +122,38 @@ def machine_warnings(profile) -> list[tuple[str, str]]:
         serial = getattr(asset, "serial", None)
         if serial is not None and not Path(serial.port).exists():
             warnings.append((f"assets[{index}].serial.port", f"{serial.port} does not exist on this machine"))
+    return warnings + _upstream_warnings(profile)
+
+
+def _upstream_warnings(profile) -> list[tuple[str, str]]:
+    """The files and variables of the chargers' CPO backend links (``upstream``) that cannot be had here.
+    Warnings only, for `check`: `run` starts without them (the chargers charge on and the grid limits
+    hold; only the backend link fails, with an upstream_disconnected event)."""
+    from edge.config.preflight import FileProblemError, read_password
+
+    site = getattr(profile.ocpp, "upstream", None) if profile.ocpp is not None else None
+    warnings, seen_site = [], False
+    for index, asset in enumerate(profile.assets):
+        upstream = getattr(asset, "upstream", None)
+        if upstream is None:
+            continue
+        if upstream == site:  # the site's, taken by this charger: said once, at the site's key
+            if seen_site:
+                continue
+            seen_site, key = True, "ocpp.upstream"
+        else:
+            key = f"assets[{index}].upstream"
+        if upstream.password_file is not None:
+            try:
+                read_password(upstream.password_file, f"{key}.password_file")
+            except FileProblemError as error:
+                warnings.append((error.problem.key, error.problem.text))
+        if upstream.password_env and upstream.password_env not in os.environ:
+            warnings.append((f"{key}.password_env", f"environment variable {upstream.password_env} is not set"))
+        for name in ("cert_file", "key_file", "ca_file"):
+            path = getattr(upstream, name)
+            if path is not None and not Path(path).is_file():
+                warnings.append((f"{key}.{name}", f"{path} does not exist on this machine"))
     return warnings
 
 

@@ -320,3 +320,39 @@ def test_mutated_profiles_never_crash_and_every_problem_has_a_line(text, tmp_pat
             assert 1 <= number <= count, (line, text)
         else:  # the header, or a syntax error's excerpt under its problem
             assert line.startswith((f"{path}:", "      ")), (line, err)
+
+
+def test_cpo_backend_credentials_missing_here_warn_once_at_their_key(tmp_path, capsys, monkeypatch):
+    """The site's upstream (taken by two chargers) and a charger's own: each problem once, at the key that
+    names it; warnings, since `run` starts without them (only the backend link would fail)."""
+    monkeypatch.delenv("FLEXEDGE_TEST_CPO_PW", raising=False)
+    text = f"""site: {{id: s1}}
+ocpp:
+  port: 9000
+  id_tag_salt_file: {tmp_path}/salt
+  authorize: {{mode: local_list, id_tags: [CARD1]}}
+  upstream:
+    url: wss://cpo.example/ocpp
+    password_file: {tmp_path}/cpo-password
+assets:
+  - {{id: ev1, kind: ev_charger, driver: ocpp, charge_point_id: CP1, password_file: {tmp_path}/pw}}
+  - {{id: ev2, kind: ev_charger, driver: ocpp, charge_point_id: CP2, password_file: {tmp_path}/pw}}
+  - id: ev3
+    kind: ev_charger
+    driver: ocpp
+    charge_point_id: CP3
+    password_file: {tmp_path}/pw
+    upstream: {{url: "wss://other.example/ocpp", password_env: FLEXEDGE_TEST_CPO_PW, ca_file: {tmp_path}/ca.pem}}
+"""
+    (tmp_path / "pw").write_text("secret\n")
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    status, _, err = run_check(capsys, path)
+    assert status == 0, err
+    site_line, own_line = line_of(text, "password_file: " + str(tmp_path / "cpo-password")), line_of(text, "upstream: {url")
+    assert err.count("ocpp.upstream.password_file") == 1, err
+    assert f"warning: site.yaml:{site_line} ocpp.upstream.password_file: password file {tmp_path}/cpo-password " \
+           "does not exist" in err
+    assert f"warning: site.yaml:{own_line} assets[2].upstream.password_env: environment variable " \
+           "FLEXEDGE_TEST_CPO_PW is not set" in err
+    assert f"warning: site.yaml:{own_line} assets[2].upstream.ca_file: {tmp_path}/ca.pem does not exist" in err
