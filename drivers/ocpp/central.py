@@ -42,12 +42,9 @@ import secrets
 import ssl
 import time
 from pathlib import Path
-from urllib.parse import unquote
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidHeader, NegotiationError
-from websockets.headers import parse_authorization_basic
+from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request
 from websockets.typing import Subprotocol
 
@@ -56,6 +53,7 @@ from edge.asset import EventSink
 from drivers.ocpp.commands import command_loop
 from drivers.ocpp.config import OcppCharger, OcppServer
 from drivers.ocpp.handlers import CentralPoint16, CentralPoint21, CentralPoint201
+from drivers.ocpp.identity import charge_point_id, check_basic
 from drivers.ocpp.pacing import LoopPacer
 from drivers.ocpp.proxy.point import ProxiedSession
 from drivers.ocpp.session import ChargerSession, TagHasher
@@ -158,12 +156,7 @@ class OcppCentralSystem:
     # --------------------------------------------------------- handshake
 
     def _charge_point_id(self, path: str) -> str | None:
-        prefix = self.cfg.path.rstrip("/") + "/"
-        path = path.split("?", 1)[0]
-        if not path.startswith(prefix):
-            return None
-        cp_id = unquote(path[len(prefix):])
-        return cp_id if cp_id and "/" not in cp_id else None
+        return charge_point_id(self.cfg.path, path)
 
     def _worth_reporting(self, kind: str, who: str) -> bool:
         """One refusal event per charger and kind per minute: a misconfigured charger retries forever."""
@@ -200,7 +193,7 @@ class OcppCentralSystem:
                 session.emit("ocpp_auth_failed", {"remote": remote, "reason": f"gateway: {error}"})
             return self._refuse(connection, 401, "invalid credentials")
         if password is not None and self.cfg.security_profile in (1, 2):
-            why = _check_basic(request.headers, cp_id, password)
+            why = check_basic(request.headers.get("Authorization"), cp_id, password)
             if why:
                 if self._worth_reporting("auth", cp_id):
                     log.warning("refused charge point %s from %s: %s", cp_id, remote, why)
@@ -290,19 +283,3 @@ class OcppCentralSystem:
 def _remote(connection: ServerConnection) -> str:
     address = connection.remote_address
     return f"{address[0]}:{address[1]}" if address else "?"
-
-
-def _check_basic(headers: Headers, cp_id: str, password: str) -> str:
-    """'' when the Basic credentials are this charger's, else why not (no secret in the text)."""
-    header = headers.get("Authorization")
-    if header is None:
-        return "no credentials"
-    try:
-        user, given = parse_authorization_basic(header)
-    except InvalidHeader:
-        return "malformed Authorization header"
-    if user != cp_id:
-        return "user name is not the charge point id"
-    if not hmac.compare_digest(given.encode(), password.encode()):
-        return "wrong password"
-    return ""

@@ -19,6 +19,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from drivers.ocpp.identity import charge_point_id, check_basic
 from simulators.cpo_backend import handshake, payloads, records
 from simulators.cpo_backend.handshake import SUBPROTOCOLS, VERSIONS
 from simulators.cpo_backend.points import POINT_CLASSES
@@ -156,7 +157,7 @@ class CpoBackend:
     # ------------------------------------------------------------------ handshake
 
     def _charge_point_id(self, path: str) -> str | None:
-        return handshake.charge_point_id(self.path, path)
+        return charge_point_id(self.path, path)
 
     def _refuse(self, connection: ServerConnection, cp_id: str, status: int, reason: str):
         self.refusals.append(Refusal(cp_id, status, reason, time.monotonic()))
@@ -175,7 +176,7 @@ class CpoBackend:
             return self._refuse(connection, cp_id, 404, "unknown charge point")
         password = self.passwords.get(cp_id)
         if password is not None and self.security_profile in (1, 2):
-            why = handshake.check_basic(request.headers.get("Authorization"), cp_id, password)
+            why = check_basic(request.headers.get("Authorization"), cp_id, password)
             if why:
                 return self._refuse(connection, cp_id, 401, why)
         return None

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hmac
 import ssl
 from pathlib import Path
-from urllib.parse import unquote
 
-from websockets.exceptions import InvalidHeader, NegotiationError
-from websockets.headers import parse_authorization_basic
+from websockets.exceptions import NegotiationError
 from websockets.typing import Subprotocol
 
 SUBPROTOCOLS = {"2.1": "ocpp2.1", "2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}  # newest first: preferred
@@ -41,31 +38,6 @@ def server_ssl_context(security_profile: int, cert_file: str | Path | None, key_
     except (OSError, ssl.SSLError) as error:
         raise ValueError(f"CPO backend TLS files (cert_file/key_file/ca_file): {error}") from None
     return context
-
-
-def charge_point_id(prefix_path: str, path: str) -> str | None:
-    """The last path segment after ``prefix_path``, or None when the URL does not name one charger."""
-    prefix = prefix_path.rstrip("/") + "/"
-    path = path.split("?", 1)[0]
-    if not path.startswith(prefix):
-        return None
-    cp_id = unquote(path[len(prefix):])
-    return cp_id if cp_id and "/" not in cp_id else None
-
-
-def check_basic(header: str | None, cp_id: str, password: str) -> str:
-    """'' when the Basic credentials are this charger's, else why not (no secret in the text)."""
-    if header is None:
-        return "no credentials"
-    try:
-        user, given = parse_authorization_basic(header)
-    except InvalidHeader:
-        return "malformed Authorization header"
-    if user != cp_id:
-        return "user name is not the charge point id"
-    if not hmac.compare_digest(given.encode(), password.encode()):
-        return "wrong password"
-    return ""
 
 
 def select_subprotocol(versions: tuple[str, ...], offered) -> Subprotocol:
