@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,22 +35,13 @@ from ocpp.charge_point import ChargePoint as LibraryChargePoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ocpp_sim_host import CONNECT_TIMEOUT_S, plug_in_when_connected  # noqa: E402
+from bench.ocpp_sim_host import CONNECT_TIMEOUT_S, on_sigterm, plug_in_when_connected, until_stopped  # noqa: E402
 from simulators.cpo_backend import BackendCallError, CpoBackend  # noqa: E402
 from simulators.ocpp import OcppSimulator, StationSpec  # noqa: E402
 from simulators.ocpp import points as station_points  # noqa: E402
 
 BACKEND_LIMIT_A = 32.0  # the simulated station's maximum: the backend's profile never binds
 BACKEND_CALL_TIMEOUT_S = 10.0
-
-
-async def until_stopped(max_run_s: float) -> None:
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    try:
-        await asyncio.wait_for(stop.wait(), max_run_s)
-    except asyncio.TimeoutError:
-        logging.warning("no SIGTERM within %g s: stopping on my own", max_run_s)
 
 
 # ------------------------------------------------------------------ backend
@@ -77,11 +67,12 @@ async def backend_calls(backend: CpoBackend, interval_s: float, sample: int) -> 
 
 
 async def run_backend(args: argparse.Namespace) -> None:
+    stop = on_sigterm()
     async with CpoBackend("127.0.0.1", 0, record_limit=1_000_000) as backend:
         args.port_file.write_text(json.dumps({"port": backend.bound_port, "url": backend.url}))
         caller = asyncio.create_task(backend_calls(backend, args.call_interval_s, args.call_sample))
         try:
-            await until_stopped(args.max_run_s)
+            await until_stopped(stop, args.max_run_s)
         finally:
             caller.cancel()
         records = {cp: {"received": [[m.action, m.unique_id, m.received_mono] for m in backend.messages(cp)],
@@ -139,6 +130,7 @@ async def start_staggered(url: str, specs: list[StationSpec], spread_s: float, p
 async def run_stations(args: argparse.Namespace) -> None:
     sent, received, answered = [], [], []
     time_stamp_call_frames(sent, received, answered)
+    stop = on_sigterm()
     stations = json.loads(args.stations_file.read_text())
     # Physics tick 1 s, as bench/ocpp_sim_host.py: a hundred stations at 10 ticks/s would load this process.
     specs = [StationSpec(cp_id, ocpp_version=version, meter_interval_s=args.meter_interval_s, tick_s=1.0,
@@ -150,7 +142,7 @@ async def run_stations(args: argparse.Namespace) -> None:
         plugged = await asyncio.gather(*(plug_in_when_connected(sim.stations[0], args.ev_max_kw, deadline_s)
                                          for sim in sims))
         args.ready_file.write_text(json.dumps({"stations": len(specs), "charging": sum(plugged)}))
-        await until_stopped(args.max_run_s)
+        await until_stopped(stop, args.max_run_s)
     finally:
         await asyncio.gather(*(sim.stop() for sim in sims), return_exceptions=True)
     args.records_file.write_text(json.dumps({"sent": sent, "received": received, "answered": answered}))

@@ -47,6 +47,21 @@ async def plug_in_when_connected(station, ev_max_kw: float, deadline_s: float, e
     return False
 
 
+def on_sigterm() -> asyncio.Event:
+    """Set when the bench sends SIGTERM (each host then writes its records and stops)."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    return stop
+
+
+async def until_stopped(stop: asyncio.Event, max_run_s: float) -> None:
+    """Until SIGTERM (``on_sigterm``), or ``max_run_s`` at the latest: no host outlives a lost bench."""
+    try:
+        await asyncio.wait_for(stop.wait(), max_run_s)
+    except asyncio.TimeoutError:
+        logging.warning("no SIGTERM within %g s: stopping on my own", max_run_s)
+
+
 async def main(args: argparse.Namespace) -> None:
     stations = json.loads(args.stations_file.read_text())
     # The physics tick is 1 s (default 0.1 s): 250 stations ticking ten times a
@@ -54,17 +69,13 @@ async def main(args: argparse.Namespace) -> None:
     specs = [StationSpec(cp_id, ocpp_version=version, meter_interval_s=args.meter_interval_s, tick_s=1.0,
                          reconnect_cap_s=5.0)
              for cp_id, version in stations]
-    stop = asyncio.Event()
+    stop = on_sigterm()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with OcppSimulator(args.url, specs) as sim:
         deadline_s = loop.time() + CONNECT_TIMEOUT_S
         plugged = await asyncio.gather(*(plug_in_when_connected(s, args.ev_max_kw, deadline_s) for s in sim.stations))
         args.ready_file.write_text(json.dumps({"stations": len(specs), "charging": sum(plugged)}))
-        try:
-            await asyncio.wait_for(stop.wait(), args.max_run_s)
-        except asyncio.TimeoutError:
-            logging.warning("no SIGTERM within %g s: stopping on my own", args.max_run_s)
+        await until_stopped(stop, args.max_run_s)
         profiles = [[s.spec.charge_point_id, p.received_mono, p.limit, p.unit] for s in sim.stations for p in s.profiles]
     args.profiles_file.write_text(json.dumps(profiles))
 

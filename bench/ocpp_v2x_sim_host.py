@@ -27,14 +27,13 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ocpp_sim_host import CONNECT_TIMEOUT_S, plug_in_when_connected  # noqa: E402
+from bench.ocpp_sim_host import CONNECT_TIMEOUT_S, on_sigterm, plug_in_when_connected, until_stopped  # noqa: E402
 from simulators.ocpp import EvSpec, OcppSimulator, StationSpec  # noqa: E402
 
 
@@ -98,9 +97,8 @@ async def main(args: argparse.Namespace) -> None:
     entries = json.loads(args.stations_file.read_text())
     specs = [StationSpec(**entry["station"]) for entry in entries]
     evs = [EvSpec(**entry["ev"]) for entry in entries]
-    stop = asyncio.Event()
+    stop = on_sigterm()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with OcppSimulator(args.url, specs) as sim:
         deadline_s = loop.time() + CONNECT_TIMEOUT_S
         plugged = await asyncio.gather(*(plug_in_when_connected(s, ev.max_power_kw, deadline_s, ev)
@@ -108,10 +106,7 @@ async def main(args: argparse.Namespace) -> None:
         sampler = Sampler(sim.stations, args.sample_s)
         sampling = asyncio.create_task(sampler.run())
         args.ready_file.write_text(json.dumps({"stations": len(specs), "charging": sum(plugged)}))
-        try:
-            await asyncio.wait_for(stop.wait(), args.max_run_s)
-        except asyncio.TimeoutError:
-            logging.warning("no SIGTERM within %g s: stopping on my own", args.max_run_s)
+        await until_stopped(stop, args.max_run_s)
         sampling.cancel()
         sampler.sample()
         out = {"profiles": profile_rows(sim.stations), "samples": sampler.samples, "v2x": sampler.soc}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 
 import pytest
 
@@ -146,6 +147,12 @@ async def test_the_backend_answers_before_the_gateway_has_read_the_call(tmp_path
     monkeypatch.setattr(LoopPacer, "take", late_turn)
     async with one_station(tmp_path, version, meter_interval_s=1.0) as (backend, events, driver, station):
         await station.wait_connected()
+        await asyncio.sleep(1.0)  # the boot's frames have had their late turns: the link is quiet
+        sent_at = time.monotonic()
+        assert await station._call(station._calls.Heartbeat()) is not None
+        # Upstream and answered by the backend before the gateway's turn for it came (0.2 s later).
+        assert time.monotonic() - sent_at < 0.15
+        assert backend.messages("CP1", "Heartbeat")
         assert await station.plug_in(EvSpec(id_tag=BACKEND_TAG))
         started = await events.wait("session_started", "ev1")
         transaction = (await _until_value(lambda: backend.transactions("CP1")))[0]
