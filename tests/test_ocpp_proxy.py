@@ -57,12 +57,12 @@ async def site(tmp_path, chargers, backend, events):
 
 
 @contextlib.asynccontextmanager
-async def one_station(tmp_path, version, meter_interval_s):
+async def one_station(tmp_path, version, meter_interval_s, **upstream):
     """A backend that knows BACKEND_TAG, the gateway proxying ev1/CP1 to it, the station booted there:
     (backend, events, driver, station)."""
     events = Events()
     async with CpoBackend(id_tags={BACKEND_TAG}) as backend:
-        async with site(tmp_path, [proxied(backend)], backend, events) as (cfg, drivers):
+        async with site(tmp_path, [proxied(backend, **upstream)], backend, events) as (cfg, drivers):
             async with OcppSimulator(url(cfg), [StationSpec("CP1", version, meter_interval_s=meter_interval_s)]) as sim:
                 boot = await backend.wait_boot("CP1", timeout_s=STEP_S)
                 assert boot.ocpp_version == version and boot.status == "Accepted"
@@ -162,6 +162,31 @@ async def test_the_backend_answers_before_the_gateway_has_read_the_call(tmp_path
         record = await station.next_profile(timeout_s=STEP_S)
         assert (record.purpose, record.limit) == (GATEWAY_PURPOSE[version], 10.1)
         await until(lambda: len(backend.meter_values("CP1", "Power.Active.Import")) >= 1, what="billing")
+
+
+async def test_a_charger_gone_while_the_backend_answers_leaves_the_backend_link_up(tmp_path, monkeypatch):
+    """The backend's answer meets a charger link that has just closed (the gateway's turn for the
+    charger's last frame still to come): the answer is dropped and the backend link stays up, for it
+    is not the one that went."""
+    original = LoopPacer.take
+
+    async def late_turn(self, priority=REQUEST):
+        await asyncio.sleep(0.3)
+        await original(self, priority)
+    async with one_station(tmp_path, "1.6", meter_interval_s=5.0, away_close_s=5.0) as (backend, events, _, station):
+        await events.wait("upstream_connected", "ev1")
+        await station.wait_connected()
+        await asyncio.sleep(0.5)
+        monkeypatch.setattr(LoopPacer, "take", late_turn)
+        heartbeat = asyncio.ensure_future(station._call(station._calls.Heartbeat(), timeout_s=1.0))
+        for _ in range(3):  # the Heartbeat on the wire, then the link closed before the backend's answer is back
+            await asyncio.sleep(0)
+        await station.drop_link()
+        await backend.wait_message("CP1", "Heartbeat", timeout_s=STEP_S)
+        await asyncio.sleep(0.5)
+        assert not events.of("upstream_disconnected"), events.of("upstream_disconnected")
+        assert backend.connections("CP1") == 1 and backend.connected("CP1")
+        await heartbeat
 
 
 async def _until_value(get, timeout_s=STEP_S):

@@ -146,6 +146,13 @@ class PrebuiltCalls:
         await self.ready.wait()
         return await super().call(payload, *args, **kwargs)
 
+    async def _send(self, message) -> None:
+        # A charger that stops reading must not hold its link's sender (and the call lock) for
+        # ever: a send waits at most the call timeout, then raises TimeoutError as an unanswered
+        # CALL does (a frame the gateway answers with: the link ends, as for a broken one).
+        async with asyncio.timeout(self._response_timeout):
+            await super()._send(message)
+
     @property
     def response_timeout_s(self) -> float:
         return self._response_timeout

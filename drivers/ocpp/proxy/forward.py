@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ocpp.messages import Call
+from websockets.exceptions import ConnectionClosed
 
 from drivers.ocpp.greeting import send_failsafe
 from drivers.ocpp.proxy.config import UpstreamLink
@@ -438,13 +439,23 @@ class ChargerProxy:
         if forwarded.timer is not None:
             forwarded.timer.cancel()
         point = self.point
-        if point is None:
+        if point is None or not await self._to_charger(point, raw):
             return
-        await point._send(raw)
         if forwarded.read:
             self._answered(point, forwarded.msg, kind, frame)
         else:
             forwarded.answer = (kind, frame)
+
+    async def _to_charger(self, point: Any, text: str) -> bool:
+        """Send to the charger from the backend link's side; False when the charger's link is gone
+        or stuck.  Never raises: that would end the backend link, which is not the one that failed."""
+        try:
+            await point._send(text)
+            return True
+        except (ConnectionClosed, TimeoutError) as error:
+            log.info("%s: the charger's link did not take the backend's frame (%s): dropped",
+                     self.session.charger.charge_point_id, type(error).__name__)
+            return False
 
     def _answered(self, point: Any, msg: Call, kind: int, frame: list) -> None:
         """What the gateway learns from the backend's answer, once it has read the CALL itself."""
