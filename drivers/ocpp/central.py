@@ -53,7 +53,7 @@ from edge.asset import EventSink
 from drivers.ocpp.commands import command_loop
 from drivers.ocpp.config import OcppCharger, OcppServer
 from drivers.ocpp.handlers import CentralPoint16, CentralPoint21, CentralPoint201
-from drivers.ocpp.identity import charge_point_id, check_basic
+from drivers.ocpp.identity import SUBPROTOCOLS, VERSIONS, charge_point_id, check_basic
 from drivers.ocpp.pacing import LoopPacer
 from drivers.ocpp.proxy.point import ProxiedSession
 from drivers.ocpp.session import ChargerSession, TagHasher
@@ -61,8 +61,6 @@ from drivers.ocpp.session import ChargerSession, TagHasher
 log = logging.getLogger("flexedge.drivers.ocpp")
 
 REFUSAL_EVENT_INTERVAL_S = 60.0
-SUBPROTOCOLS = {"2.1": "ocpp2.1", "2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}  # newest first: auto's preference
-VERSIONS = {name: version for version, name in SUBPROTOCOLS.items()}
 POINT_CLASSES = {"2.1": CentralPoint21, "2.0.1": CentralPoint201, "1.6": CentralPoint16}
 
 

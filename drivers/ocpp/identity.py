@@ -1,6 +1,7 @@
-"""Who a connecting charger says it is: its charge point id from the URL, and its HTTP Basic
-credentials checked against its password.  The gateway's central system uses these, and so does
-the CPO backend simulator, which meets the gateway's proxied links the same way."""
+"""The OCPP websocket handshake's pieces: which OCPP a subprotocol is, who a connecting charger
+says it is (its charge point id from the URL) and its HTTP Basic credentials checked against its
+password.  The gateway's central system and its proxy use these, and so does the CPO backend
+simulator, which meets the gateway's proxied links the same way."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from urllib.parse import unquote
 
 from websockets.exceptions import InvalidHeader
 from websockets.headers import parse_authorization_basic
+
+SUBPROTOCOLS = {"2.1": "ocpp2.1", "2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}  # newest first: the preferred
+VERSIONS = {name: version for version, name in SUBPROTOCOLS.items()}
 
 
 def charge_point_id(prefix_path: str, path: str) -> str | None:

@@ -37,11 +37,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from drivers.ocpp.central import SUBPROTOCOLS, VERSIONS
 from drivers.ocpp.config import CHARGE_POINT_ID_PATTERN, OcppCharger, OcppServer
 from drivers.ocpp.features import ask_device_model, resolve
 from drivers.ocpp.greeting import request_ratings
 from drivers.ocpp.handlers import CentralPoint16, CentralPoint21, CentralPoint201, evse_max_power_kw
+from drivers.ocpp.identity import SUBPROTOCOLS, VERSIONS
 from drivers.ocpp.session import ChargerSession, TagHasher
 from drivers.registry import seconds_option
 

@@ -19,9 +19,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from drivers.ocpp.identity import charge_point_id, check_basic
+from drivers.ocpp.identity import SUBPROTOCOLS, VERSIONS, charge_point_id, check_basic
 from simulators.cpo_backend import handshake, payloads, records
-from simulators.cpo_backend.handshake import SUBPROTOCOLS, VERSIONS
 from simulators.cpo_backend.points import POINT_CLASSES
 from simulators.cpo_backend.records import (Authorization, Boot, CallErrorAnswer, CallTimeout, ChargerNotConnected,
                                             Link, MeterReading, Received, Refusal, Sent, Transaction)

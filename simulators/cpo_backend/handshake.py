@@ -8,8 +8,7 @@ from pathlib import Path
 from websockets.exceptions import NegotiationError
 from websockets.typing import Subprotocol
 
-SUBPROTOCOLS = {"2.1": "ocpp2.1", "2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}  # newest first: preferred
-VERSIONS = {name: version for version, name in SUBPROTOCOLS.items()}
+from drivers.ocpp.identity import SUBPROTOCOLS
 
 
 def check_security(security_profile: int, cert_file, key_file, ca_file) -> None:

@@ -31,6 +31,7 @@ from ocpp.messages import Call
 from websockets.exceptions import ConnectionClosed
 
 from drivers.ocpp.greeting import send_failsafe
+from drivers.ocpp.identity import SUBPROTOCOLS
 from drivers.ocpp.proxy.config import UpstreamLink
 from drivers.ocpp.proxy.link import UpstreamSocket
 from drivers.ocpp.proxy.local import answer_locally, read_state
@@ -39,7 +40,6 @@ from drivers.ocpp.proxy.rules import FORWARD, REASSERT, REFUSE, gateway_slots, j
 
 log = logging.getLogger("flexedge.drivers.ocpp.proxy")
 
-SUBPROTOCOLS = {"2.1": "ocpp2.1", "2.0.1": "ocpp2.0.1", "1.6": "ocpp1.6"}
 # The gateway's purpose for a proxied charger: one the charger combines with the backend's by minimum.
 PROXY_PURPOSE = {"1.6": "ChargePointMaxProfile", "2.0.1": "ChargingStationExternalConstraints",
                  "2.1": "ChargingStationExternalConstraints"}
