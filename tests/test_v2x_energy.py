@@ -66,6 +66,16 @@ def test_following_any_target_in_the_band_never_breaks_min_soc_or_a_reachable_de
             assert need <= charge * max(0.0, left_s) / 3600 + EPS, "the departure energy became unreachable"
 
 
+@pytest.mark.parametrize("left_s", [5e-324, 1e-12, 0.0036])
+@pytest.mark.parametrize("need", [0.0, 5.0])
+def test_a_departure_that_is_now_is_no_division_by_nothing(left_s, need):
+    """A time to departure that rounds to nothing (hypothesis found 5e-324 s): no discharge, and what
+    is still needed is charged at the maximum."""
+    got = energy_range(-11.0, 11.0, BatteryEnergy(20.0, 20.0, need, left_s), 900.0)
+    assert got.p_max_kw <= (-11.0 if need > 0 else 0.0) + EPS
+    assert -11.0 - EPS <= got.p_min_kw <= got.p_max_kw + EPS
+
+
 def test_each_rule_names_itself():
     h = 900
     assert energy_range(-11, 11, BatteryEnergy(None, None, None, None), h).limited_by == "energy_unknown"

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 EPSILON_KW = 1e-9
+DEPARTURE_NOW_H = 1e-9  # a time to departure below this (3.6 µs) is departure now: no division by it
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +58,8 @@ def energy_range(p_min_kw: float, p_max_kw: float, energy: BatteryEnergy, horizo
     maximum as the only choice."""
     if not (math.isfinite(p_min_kw) and math.isfinite(p_max_kw)) or p_min_kw > p_max_kw:
         raise ValueError(f"need a finite range p_min_kw <= p_max_kw, got [{p_min_kw}, {p_max_kw}]")
-    if not (math.isfinite(horizon_s) and horizon_s > 0):
-        raise ValueError(f"horizon_s must be finite and > 0, got {horizon_s}")
+    if not (math.isfinite(horizon_s) and horizon_s >= 1.0):
+        raise ValueError(f"horizon_s must be finite and at least 1 s, got {horizon_s}")
     hours = horizon_s / 3600.0
     low, high, why = p_min_kw, p_max_kw, None
 
@@ -81,7 +82,10 @@ def energy_range(p_min_kw: float, p_max_kw: float, energy: BatteryEnergy, horizo
         # it at the maximum charge.
         window_h = min(hours, time_left_s / 3600.0)
         after_h = time_left_s / 3600.0 - window_h
-        cap_high((max_charge_kw * after_h - need) / window_h, "departure_energy")
+        if window_h > DEPARTURE_NOW_H:
+            cap_high((max_charge_kw * after_h - need) / window_h, "departure_energy")
+        else:  # departure is now (a time left that rounds to nothing): no discharge, and what is needed at the maximum
+            cap_high(0.0 if need <= 0 else p_min_kw, "departure_energy")
 
     below_max = _finite(energy.below_max_kwh)
     if below_max is not None:
